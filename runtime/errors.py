@@ -17,10 +17,12 @@ class OcrRuntimeError(Exception):
 class ConfigurationError(OcrRuntimeError):
     """A setting is missing or invalid; the process cannot start."""
 
-    def __init__(self, variable: str, problem: str) -> None:
+    def __init__(
+        self, variable: str, problem: str, *, more: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        self.problems = ((variable, problem), *more)
         self.variable = variable
-        self.problem = problem
-        super().__init__(f"{variable}: {problem}")
+        super().__init__("; ".join(f"{name}: {what}" for name, what in self.problems))
 
 
 class TransientError(OcrRuntimeError):

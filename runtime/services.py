@@ -90,7 +90,7 @@ class _Server:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 user=self._user(),
-                preexec_fn=_die_with_parent(self.stop_signal),  # noqa: PLW1509
+                preexec_fn=_die_with_parent(self.stop_signal),
             )
         deadline = time.monotonic() + _START_TIMEOUT_S
         while not self._ready():

@@ -43,13 +43,13 @@ def redis_server(services_dir: Path) -> Iterator[LocalRedis]:
 
 
 @pytest.fixture
-async def redis_url(redis_server: LocalRedis) -> AsyncIterator[str]:
+async def redis_url(redis_server: LocalRedis) -> str:
     """The URL of an empty Redis."""
     redis_server.start()  # in case an earlier test stopped it
     client = aioredis.from_url(redis_server.url)
     await client.flushall()
     await client.aclose()
-    yield redis_server.url
+    return redis_server.url
 
 
 @pytest.fixture(scope="session")
