@@ -193,16 +193,25 @@ def _reachable_by(user: str, bin_dir: Path) -> Path:
     Wheels installed under a private home (``/root``) are out of its reach, so the
     install tree is copied once to a world-readable cache directory.
     """
-    probe = subprocess.run(
-        [str(bin_dir / "postgres"), "--version"], user=user, capture_output=True, check=False
-    )
-    if probe.returncode == 0:
-        return bin_dir
-    install = bin_dir.parent
-    cache = Path(tempfile.gettempdir()) / f"registre-ocr-postgres-{install.stat().st_mtime_ns}"
-    if not (cache / "bin" / "postgres").exists():
+    try:
+        probe = subprocess.run(
+            [str(bin_dir / "postgres"), "--version"], user=user, capture_output=True, check=False
+        )
+    except PermissionError:
+        pass
+    else:
+        if probe.returncode == 0:
+            return bin_dir
+    # Wheels keep their shared libraries beside the package (``$ORIGIN/../../..``), so
+    # the copy keeps everything from site-packages down, relative paths intact.
+    site = bin_dir.parents[2]
+    tops = [p for p in site.iterdir() if p.name.split(".")[0] == bin_dir.parents[1].name]
+    cache = Path(tempfile.gettempdir()) / f"registre-ocr-postgres-{bin_dir.stat().st_mtime_ns}"
+    if not (cache / bin_dir.relative_to(site) / "postgres").exists():
         staging = Path(tempfile.mkdtemp(prefix="registre-ocr-pg-"))
-        shutil.copytree(install, staging / "install", symlinks=True)
+        for top in tops:
+            if top.is_dir():
+                shutil.copytree(top, staging / "tree" / top.name, symlinks=True)
         for root, dirs, files in os.walk(staging):
             for entry in dirs + files:
                 path = Path(root) / entry
@@ -210,8 +219,8 @@ def _reachable_by(user: str, bin_dir: Path) -> Path:
                     path.chmod(path.stat().st_mode | 0o055)
         staging.chmod(0o755)
         with contextlib.suppress(OSError):
-            (staging / "install").rename(cache)
-    return cache / "bin"
+            (staging / "tree").rename(cache)
+    return cache / bin_dir.relative_to(site)
 
 
 class LocalPostgres(_Server):
