@@ -1,0 +1,124 @@
+"""The acte pipeline: a deed, typed or handwritten, read whole through the File API.
+
+The PDF is uploaded once and read in one extraction call; the raw text is then corrected
+by a text-only boost call, in chunks cut on paragraph boundaries when it is longer than
+one call may return. The uploaded file is deleted whatever happens, cancellation included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from runtime.pipelines.common import (
+    Document,
+    PipelineConfig,
+    PipelineResult,
+    Profile,
+    open_pdf,
+    prompt,
+)
+from runtime.pipelines.gemini import Call, CallLog, GeminiClient, current_call_log
+
+LANE = "acte"
+
+
+def paragraph_chunks(text: str, limit: int) -> list[str]:
+    """The text cut into pieces of at most ``limit`` characters, between paragraphs.
+
+    A paragraph longer than the limit is cut between words (a word longer than the
+    limit, bluntly).
+    """
+    pieces: list[str] = []
+    current = ""
+    for paragraph in text.split("\n\n"):
+        for fragment in _fit(paragraph, limit):
+            candidate = f"{current}\n\n{fragment}" if current else fragment
+            if len(candidate) <= limit:
+                current = candidate
+            else:
+                pieces.append(current)
+                current = fragment
+    if current:
+        pieces.append(current)
+    return [p for p in pieces if p.strip()]
+
+
+def _fit(paragraph: str, limit: int) -> list[str]:
+    if len(paragraph) <= limit:
+        return [paragraph]
+    out: list[str] = []
+    current = ""
+    for word in paragraph.split(" "):
+        if len(word) > limit:
+            if current:
+                out.append(current)
+                current = ""
+            while len(word) > limit:
+                out.append(word[:limit])
+                word = word[limit:]
+        candidate = f"{current} {word}" if current else word
+        if len(candidate) <= limit:
+            current = candidate
+        else:
+            out.append(current)
+            current = word
+    if current:
+        out.append(current)
+    return out
+
+
+async def run_acte(
+    row: Document, pdf: bytes, client: GeminiClient, config: PipelineConfig
+) -> PipelineResult:
+    """OCR one acte."""
+    started = time.monotonic()
+    calls = CallLog()
+    token = current_call_log.set(calls)
+    try:
+        pages = len(open_pdf(pdf).pages)
+        name = (row.supabase_path or row.document_number or "acte").rsplit("/", 1)[-1]
+        uploaded = await client.upload_pdf(pdf, display_name=name[:120])
+        try:
+            active = await client.wait_active(uploaded, timeout_s=config.file_active_timeout_s)
+            raw = await client.generate(
+                Call(
+                    kind="acte_extract",
+                    model=config.model_acte,
+                    lane=LANE,
+                    prompt=prompt("acte_extract"),
+                    file=active,
+                    pages=pages,
+                    temperature=0.1,
+                )
+            )
+        finally:
+            # Shielded: a cancelled job must still not leave its PDF on Google's side.
+            await asyncio.shield(client.delete_file(uploaded))
+        boosted = await _boost(client, config, raw.text)
+    finally:
+        current_call_log.reset(token)
+    return PipelineResult(
+        file_content=raw.text,
+        boosted_file_content=boosted,
+        profile=Profile.of(row.document_source, pages, calls, time.monotonic() - started),
+    )
+
+
+async def _boost(client: GeminiClient, config: PipelineConfig, raw: str) -> str:
+    chunks = paragraph_chunks(raw, config.boost_chunk_chars)
+    template = prompt("boost")
+    outputs: list[str] = []
+    for number, chunk in enumerate(chunks, start=1):
+        part = f"(Partie {number} de {len(chunks)}.)" if len(chunks) > 1 else ""
+        completion = await client.generate(
+            Call(
+                kind="boost",
+                model=config.model_boost,
+                lane=LANE,
+                prompt=template.format(part=part, text=chunk),
+                temperature=0.2,
+            )
+        )
+        outputs.append(completion.text.strip())
+    return "\n\n".join(outputs)
