@@ -11,11 +11,7 @@ import runtime
 
 PACKAGES = sorted(
     {"runtime"}
-    | {
-        info.name
-        for info in pkgutil.walk_packages(runtime.__path__, "runtime.")
-        if info.ispkg and info.name != "runtime.sql"
-    }
+    | {info.name for info in pkgutil.walk_packages(runtime.__path__, "runtime.") if info.ispkg}
 )
 
 

@@ -1,0 +1,3 @@
+"""The pipelines' prompts, in French as the original system's, one file each."""
+
+__all__: list[str] = []
