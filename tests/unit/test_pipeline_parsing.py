@@ -32,14 +32,14 @@ def test_line_count_that_says_nothing_usable(answer: str) -> None:
 def test_inscriptions_keep_only_records_with_a_six_digit_number() -> None:
     other = RECORD.replace("123456", "12 34 5")
     spaced = RECORD.replace("123456", "654 321")
-    records = read_inscriptions(f"[{RECORD}, {other}, {spaced}, \"texte\"]")
+    records = read_inscriptions(f'[{RECORD}, {other}, {spaced}, "texte"]')
     assert [r["numero_publication"] for r in records] == ["123456", "654321"]
     assert records[0]["parties"] == "Tremblay, Jean; Gagnon, Marie"
     assert records[0]["confiance"] == 0.9
 
 
 def test_truncated_array_keeps_the_complete_records() -> None:
-    answer = f"```json\n[{RECORD}, {RECORD.replace('123456', '222222')}, {{\"parties\": \"Rob"
+    answer = f'```json\n[{RECORD}, {RECORD.replace("123456", "222222")}, {{"parties": "Rob'
     records = read_inscriptions(answer)
     assert [r["numero_publication"] for r in records] == ["123456", "222222"]
 
