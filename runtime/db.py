@@ -36,6 +36,10 @@ async def init_schema(dsn: str) -> None:
     await _apply(dsn, "schema.sql", "migrate.sql")
 
 
-async def migrate(dsn: str) -> None:
-    """Add what the runtime needs to an existing extractor database."""
-    await _apply(dsn, "migrate.sql")
+async def migrate(dsn: str, *, notify: bool = False) -> None:
+    """Add what the runtime needs to an existing extractor database.
+
+    ``notify`` also installs the optional trigger that wakes idle workers when rows
+    become ready (they poll either way).
+    """
+    await _apply(dsn, "migrate.sql", *(["notify.sql"] if notify else []))
