@@ -1,0 +1,197 @@
+"""Limiter benchmark: admission cost against the physical limit of one Redis round trip.
+
+``run(quick)`` returns a Markdown section; ``python -m benchmarks.limiter`` prints it,
+starting a throw-away Redis unless ``REDIS_URL`` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+from runtime.limiter import Budget, create_limiter
+from runtime.services import LocalRedis
+
+# A budget no benchmark reaches: what is measured is the cost of admitting, not waiting.
+UNBOUNDED = Budget(rpm=10_000_000, tpm=100_000_000, window_s=1.0)
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def _latency(url: str, n: int) -> dict[str, float]:
+    limiter = await create_limiter(url, UNBOUNDED, namespace="bench-latency")
+    client = aioredis.from_url(url)
+    admit: list[float] = []
+    ping: list[float] = []
+    for i in range(n + 200):  # the first 200 warm up (and let the start-up phantom pass)
+        t0 = time.perf_counter()
+        async with limiter.acquire(10, model="flash"):
+            t1 = time.perf_counter()
+        await client.ping()
+        t2 = time.perf_counter()
+        if i >= 200:
+            admit.append(t1 - t0)
+            ping.append(t2 - t1)
+    await client.aclose()
+    await limiter.aclose()
+    return {
+        "admit_p50": _percentile(admit, 0.5) * 1e6,
+        "admit_p99": _percentile(admit, 0.99) * 1e6,
+        "ping_p50": _percentile(ping, 0.5) * 1e6,
+        "ping_p99": _percentile(ping, 0.99) * 1e6,
+    }
+
+
+async def _throughput(url: str, mode: str, concurrency: int, seconds: float) -> int:
+    limiter = await create_limiter(url, UNBOUNDED, namespace="bench-rate", max_inflight=10_000)
+    client = aioredis.from_url(url, max_connections=concurrency + 4)
+    done = 0
+    await asyncio.sleep(0.05)
+    deadline = time.monotonic() + seconds
+
+    async def loop() -> None:
+        nonlocal done
+        while time.monotonic() < deadline:
+            if mode == "ping":
+                await client.ping()
+            else:
+                async with limiter.acquire(10, model="flash"):
+                    pass
+            done += 1
+
+    await asyncio.gather(*(loop() for _ in range(concurrency)))
+    await client.aclose()
+    await limiter.aclose()
+    return done
+
+
+async def _saturated(url: str, waiters: int, seconds: float) -> int:
+    budget = Budget(rpm=400, tpm=4_000_000, window_s=1.0)
+    limiter = await create_limiter(url, budget, namespace="bench-sat", max_inflight=waiters)
+    stop = time.monotonic() + seconds
+    admitted = 0
+
+    async def waiter() -> None:
+        nonlocal admitted
+        while time.monotonic() < stop:
+            async with limiter.acquire(1_000, model="flash") as grant:
+                await asyncio.sleep(0.005)
+                await grant.settle(900)  # a real settle call per admission
+            admitted += 1
+
+    await asyncio.gather(*(waiter() for _ in range(waiters)))
+    await limiter.aclose()
+    return admitted
+
+
+def _worker(job: tuple[str, str, int, float]) -> int:
+    url, mode, amount, seconds = job
+    if mode == "saturated":
+        return asyncio.run(_saturated(url, amount, seconds))
+    return asyncio.run(_throughput(url, mode, amount, seconds))
+
+
+def _fleet(url: str, mode: str, processes: int, amount: int, seconds: float) -> int:
+    with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
+        return sum(pool.map(_worker, [(url, mode, amount, seconds)] * processes))
+
+
+# Commands the script runs inside Redis; INFO counts them as well as the EVALSHA.
+_SCRIPT_INTERNAL = {
+    "hgetall", "zadd", "hset", "zrangebyscore", "hmget", "zrem", "hdel", "zrange", "hget",
+    "hincrby", "expire", "pexpire", "del", "hexists", "time",
+}  # fmt: skip
+
+
+async def _commands(url: str) -> tuple[int, int]:
+    """Commands sent by clients, and commands executed including the scripts' own."""
+    client = aioredis.from_url(url)
+    stats = await client.info("commandstats")
+    await client.aclose()
+    calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+    sent = sum(n for name, n in calls.items() if name not in _SCRIPT_INTERNAL)
+    return sent, sum(calls.values())
+
+
+def _commands_per_admission(url: str, waiters: int, seconds: float) -> tuple[float, float, int]:
+    sent0, all0 = asyncio.run(_commands(url))
+    admitted = _fleet(url, "saturated", 4, waiters, seconds)
+    sent1, all1 = asyncio.run(_commands(url))
+    per = max(1, admitted)
+    return (sent1 - sent0 - 1) / per, (all1 - all0 - 1) / per, admitted
+
+
+def run(quick: bool = False) -> str:
+    """Measure against ``REDIS_URL`` (or a local Redis) and return a Markdown section."""
+    url = os.environ.get("REDIS_URL")
+    if url is None:
+        with tempfile.TemporaryDirectory() as directory:
+            server = LocalRedis(Path(directory))
+            server.start()
+            try:
+                return _measure(server.url, quick)
+            finally:
+                server.stop()
+    return _measure(url, quick)
+
+
+def _measure(url: str, quick: bool) -> str:
+    n, seconds, repeats = (500, 1.0, 1) if quick else (3_000, 3.0, 3)
+    latency = [asyncio.run(_latency(url, n)) for _ in range(repeats)]
+    lat = {k: statistics.median(r[k] for r in latency) for k in latency[0]}
+    rates: dict[tuple[str, int], float] = {}
+    for processes in (1, 4):
+        for mode in ("admit", "ping"):
+            runs = [_fleet(url, mode, processes, 32, seconds) / seconds for _ in range(repeats)]
+            rates[(mode, processes)] = statistics.median(runs)
+    sat_s = 2.0 if quick else 4.0
+    cpa30, ex30, n30 = _commands_per_admission(url, 30, sat_s)
+    cpa300, ex300, n300 = _commands_per_admission(url, 300, sat_s)
+    lines = [
+        "## Limiter",
+        "",
+        f"Local Redis, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; medians of "
+        f"{repeats} run(s). One admission = one EVALSHA (plus one per settle that differs).",
+        "",
+        "| measure | limiter | PING | ratio |",
+        "|---|---|---|---|",
+        f"| latency p50 (µs) | {lat['admit_p50']:.0f} | {lat['ping_p50']:.0f} | "
+        f"{lat['admit_p50'] / lat['ping_p50']:.2f}x |",
+        f"| latency p99 (µs) | {lat['admit_p99']:.0f} | {lat['ping_p99']:.0f} | "
+        f"{lat['admit_p99'] / lat['ping_p99']:.2f}x |",
+    ]
+    for processes in (1, 4):
+        admit, ping = rates[("admit", processes)], rates[("ping", processes)]
+        lines.append(
+            f"| per second, {processes} process(es) x 32 callers | {admit:,.0f} | {ping:,.0f} | "
+            f"{admit / ping:.2f}x |"
+        )
+    lines += [
+        "",
+        "Redis commands per admission at saturation (4 processes, budget 400 per 1 s window,"
+        " every admission settled with a different figure):",
+        "",
+        "| waiters per process | admissions | commands sent per admission | "
+        "executed, script internals included |",
+        "|---|---|---|---|",
+        f"| 30 | {n30} | {cpa30:.2f} | {ex30:.1f} |",
+        f"| 300 | {n300} | {cpa300:.2f} | {ex300:.1f} |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(run(quick="--quick" in sys.argv))

@@ -1,0 +1,371 @@
+"""The admission arithmetic of the limiter: pure functions over one model's state.
+
+Nothing here does I/O or reads a clock: ``now`` is passed in as integer microseconds
+(never floats: the Lua twin in ``scripts/limiter.lua`` runs on doubles, and integers
+below 2**53 are exact in both). The Lua script mirrors this module function by function;
+``tests/integration/test_limiter_lua.py`` runs the same scenarios through both.
+
+Algorithm: a sliding LOG for exactness plus GCRA PACING for smoothness, on requests and
+tokens at once, all or nothing.
+
+* The log holds one entry per admission (time, requests, tokens, lane) and running
+  totals. Entries at or before ``now - W`` leave the log from its head, so each admission
+  costs amortised O(1).
+* Pacing (GCRA): after an admission at ``t`` of ``c`` tokens, the next request may start
+  at ``t + ceil(W / rpm)`` (tau = 0) and once the token schedule, advanced by
+  ``ceil(c * W / tpm)``, is less than one request interval ahead. Admissions therefore
+  arrive evenly instead of as one burst per window. Pacing only smooths: the log alone
+  carries the exactness below.
+* A request is booked at the earliest ``t >= max(now, pause, pacing)`` where the window
+  ``(t - W, t]`` holds at most ``rpm - 1`` requests and ``tpm - c`` tokens. Bookings never
+  precede earlier bookings (``t`` is at least the pacing time, which follows the last
+  booking), so every entry already in the log lies at or before ``t`` and the window
+  check at ``t`` sees every entry that can share a window with the new one.
+
+Exactness: every window ``(x - W, x]`` reaches its maximum at an admission time ``x``
+(its content only grows at entry times), and at each admission the check above proves
+the window ending there within budget. Hence no rolling window ever holds more than
+``rpm`` requests or ``tpm`` tokens, counting estimates, and actuals for grants settled
+upward while still in the log. A raise settled after its entry left the log is charged as
+a fresh entry at the settle time, unchecked: the call already happened.
+
+After a lost state (first start, FLUSHALL, failover, idle expiry) the log is seeded with
+phantom entries that spread the full budget evenly over the past window, as if the
+fleet had been admitting at the paced rate. A fresh double burst is impossible; the
+bound after a loss is the budget plus one phantom step (``rpm / n`` requests, ``n`` the
+number of phantom entries) in the first window, exact again one window later.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+PPM = 1_000_000
+DAY_US = 86_400_000_000
+MAX_EXACT = 2**53
+FACTOR_FLOOR_PPM = 100_000  # a quota 429 never cuts the budget below 10 %
+FACTOR_CUT_PPM = 700_000  # each quota 429 keeps 70 % of the effective budget
+RECOVERY_PPM_PER_WINDOW = 100_000  # +10 % of the budget per quiet window
+PHANTOM_ENTRIES = 100
+WALK_LIMIT = 128  # log entries one admission may read past the expired head
+PHANTOM_PREFIX = "~"
+
+ADMIT = 0
+WAIT = 1
+TOO_LARGE = 2
+DAY_EXHAUSTED = 3
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the fleet may use: requests and tokens per rolling window of ``window_s``."""
+
+    rpm: int
+    tpm: int
+    window_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.rpm < 1 or self.tpm < 1:
+            raise ValueError(f"a budget needs rpm >= 1 and tpm >= 1, not {self.rpm}/{self.tpm}")
+        if not 0.001 <= self.window_s <= 86_400:
+            raise ValueError(f"window_s must lie between 1 ms and one day, not {self.window_s}")
+        if self.tpm * self.window_us >= MAX_EXACT:
+            raise ValueError("tpm x window in microseconds must stay below 2**53")
+
+    @property
+    def window_us(self) -> int:
+        return round(self.window_s * 1_000_000)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Everything one admission decision needs besides the state (sent to the script)."""
+
+    window_us: int
+    rpm: int
+    tpm: int
+    rpd: int = 0  # 0: no daily budget
+    shares: tuple[tuple[str, int], ...] = ()  # (lane, parts per million), sorted
+    horizon_us: int = 0  # how far ahead a slot may be booked; 0 means one window
+
+    @classmethod
+    def of(
+        cls, budget: Budget, *, rpd: int | None = None, shares: dict[str, float] | None = None
+    ) -> Limits:
+        lanes = tuple(sorted((lane, round(share * PPM)) for lane, share in (shares or {}).items()))
+        return cls(budget.window_us, budget.rpm, budget.tpm, rpd or 0, lanes, budget.window_us)
+
+    def divided(self, parts: int) -> Limits:
+        """The share of one process out of ``parts`` (the fallback while Redis is away)."""
+        parts = max(1, parts)
+        return Limits(
+            self.window_us,
+            max(1, self.rpm // parts),
+            max(1, self.tpm // parts),
+            self.rpd // parts if self.rpd else 0,
+            self.shares,
+            self.horizon_us,
+        )
+
+    @property
+    def horizon(self) -> int:
+        return self.horizon_us or self.window_us
+
+
+@dataclass
+class Entry:
+    """One admission in the log (or a phantom, or a raise charged after expiry)."""
+
+    at: int
+    requests: int
+    tokens: int
+    lane: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the store answers to an admission: a booked slot, or how long to wait."""
+
+    kind: int
+    value: int  # ADMIT: the slot (µs); otherwise: microseconds to wait
+    now: int  # the store's clock when it decided
+
+
+@dataclass
+class ModelState:
+    """The limiter state of one model (one Redis hash tag)."""
+
+    initialised: bool = False
+    log: list[tuple[int, str]] = field(default_factory=list)
+    grants: dict[str, Entry] = field(default_factory=dict)
+    requests: int = 0
+    tokens: int = 0
+    lane_requests: dict[str, int] = field(default_factory=dict)
+    lane_tokens: dict[str, int] = field(default_factory=dict)
+    lane_demand: dict[str, int] = field(default_factory=dict)
+    tat_requests: int = 0
+    tat_tokens: int = 0
+    pause_until: int = 0
+    factor_ppm: int = PPM
+    factor_at: int = 0  # when a quota 429 last taught; 0: never
+    day_counts: dict[int, int] = field(default_factory=dict)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def effective_factor(state: ModelState, now: int, window_us: int) -> int:
+    """The budget factor (ppm): cut by quota 429s, climbing back additively when quiet."""
+    if state.factor_at == 0:
+        return PPM
+    elapsed = max(0, now - state.factor_at)
+    if elapsed >= 10 * window_us:
+        return PPM
+    return min(PPM, state.factor_ppm + elapsed * RECOVERY_PPM_PER_WINDOW // window_us)
+
+
+def effective_limits(limits: Limits, factor: int) -> tuple[int, int]:
+    return max(1, limits.rpm * factor // PPM), max(1, limits.tpm * factor // PPM)
+
+
+def _add(state: ModelState, grant_id: str, entry: Entry) -> None:
+    bisect.insort(state.log, (entry.at, grant_id))
+    state.grants[grant_id] = entry
+    state.requests += entry.requests
+    state.tokens += entry.tokens
+    if entry.lane:
+        state.lane_requests[entry.lane] = state.lane_requests.get(entry.lane, 0) + entry.requests
+        state.lane_tokens[entry.lane] = state.lane_tokens.get(entry.lane, 0) + entry.tokens
+
+
+def _subtract(state: ModelState, entry: Entry) -> None:
+    state.requests -= entry.requests
+    state.tokens -= entry.tokens
+    if entry.lane:
+        state.lane_requests[entry.lane] -= entry.requests
+        state.lane_tokens[entry.lane] -= entry.tokens
+
+
+def seed(state: ModelState, now: int, limits: Limits) -> None:
+    """Start a lost state as if the past window had been used in full at the paced rate."""
+    fresh = ModelState(initialised=True, tat_requests=now, tat_tokens=now)
+    fresh.day_counts = state.day_counts  # the daily count lives apart and survives
+    state.__dict__.update(fresh.__dict__)
+    rpm, tpm = effective_limits(limits, PPM)
+    n = min(rpm, PHANTOM_ENTRIES)
+    w = limits.window_us
+    for k in range(1, n + 1):
+        at = now - w + ceil_div(k * w, n)
+        requests = rpm * k // n - rpm * (k - 1) // n
+        tokens = tpm * k // n - tpm * (k - 1) // n
+        _add(state, f"{PHANTOM_PREFIX}{k}", Entry(at, requests, tokens, ""))
+
+
+def expire(state: ModelState, now: int, window_us: int) -> None:
+    cutoff = now - window_us
+    gone = 0
+    while gone < len(state.log) and state.log[gone][0] <= cutoff:
+        _subtract(state, state.grants.pop(state.log[gone][1]))
+        gone += 1
+    del state.log[:gone]
+
+
+def _reserve(shares: dict[str, int], used: dict[str, list[int]], rpm: int, tpm: int) -> list[int]:
+    """Unused guaranteed share of the other active lanes, in requests and tokens."""
+    reserve = [0, 0]
+    for lane, (requests, tokens) in used.items():
+        reserve[0] += max(0, shares[lane] * rpm // PPM - requests)
+        reserve[1] += max(0, shares[lane] * tpm // PPM - tokens)
+    return reserve
+
+
+def admit(
+    state: ModelState, limits: Limits, now: int, grant_id: str, tokens: int, lane: str
+) -> Decision:
+    """Book one request of ``tokens`` at the earliest slot that fits, or say how long to wait."""
+    w = limits.window_us
+    if not state.initialised:
+        seed(state, now, limits)
+    expire(state, now, w)
+    if lane:
+        state.lane_demand[lane] = now
+    if tokens > limits.tpm:
+        return Decision(TOO_LARGE, 0, now)
+    day = now // DAY_US
+    if limits.rpd > 0 and state.day_counts.get(day, 0) >= limits.rpd:
+        return Decision(DAY_EXHAUSTED, (day + 1) * DAY_US - now, now)
+    rpm, tpm = effective_limits(limits, effective_factor(state, now, w))
+    if tokens > tpm:
+        return Decision(WAIT, w // 4, now)  # the factor climbs back by then
+    shares = dict(limits.shares)
+    # Lanes that asked within the last window keep their unused share reserved.
+    used = {
+        other: [state.lane_requests.get(other, 0), state.lane_tokens.get(other, 0)]
+        for other in shares
+        if other != lane and state.lane_demand.get(other, 0) > now - w
+    }
+    requests, charged = state.requests, state.tokens
+    # Tokens may run one request interval ahead of their pace, so that uneven request
+    # sizes average out instead of each large one stalling the next small ones.
+    tolerance = ceil_div(w, rpm)
+    t = max(now, state.pause_until, state.tat_requests, state.tat_tokens - tolerance)
+    i = 0
+    lane_blocked = False
+    while True:
+        if t - now > limits.horizon:
+            return Decision(WAIT, max(1000, t - now - limits.horizon), now)
+        while i < len(state.log) and i < WALK_LIMIT and state.log[i][0] <= t - w:
+            entry = state.grants[state.log[i][1]]
+            requests -= entry.requests
+            charged -= entry.tokens
+            if entry.lane in used:
+                used[entry.lane][0] -= entry.requests
+                used[entry.lane][1] -= entry.tokens
+            i += 1
+        if requests + 1 <= rpm and charged + tokens <= tpm:
+            reserve = _reserve(shares, used, rpm, tpm)
+            if rpm - requests - 1 >= reserve[0] and tpm - charged - tokens >= reserve[1]:
+                break
+            lane_blocked = True
+        if i >= len(state.log) or i >= WALK_LIMIT:
+            if i >= len(state.log) and lane_blocked:
+                # Only other lanes' reserves block: they lapse when those lanes go quiet.
+                t = max(t, min(state.lane_demand[other] for other in used) + w)
+            return Decision(WAIT, max(1000, t - now), now)
+        t = max(t, state.log[i][0] + w)
+    if lane_blocked:
+        # The global budget had room earlier: booking later would push the pacing past
+        # the lanes that hold the reserve, so ask again when this lane fits instead.
+        return Decision(WAIT, max(1000, t - now), now)
+    _add(state, grant_id, Entry(t, 1, tokens, lane))
+    state.tat_requests = t + ceil_div(w, rpm)
+    state.tat_tokens = max(state.tat_tokens, t) + ceil_div(tokens * w, tpm)
+    state.day_counts[day] = state.day_counts.get(day, 0) + 1
+    return Decision(ADMIT, t, now)
+
+
+def settle(
+    state: ModelState,
+    limits: Limits,
+    now: int,
+    grant_id: str,
+    estimate: int,
+    actual: int,
+    lane: str,
+) -> int:
+    """Set a grant's tokens to ``actual``; returns the tokens charged (< 0: refunded)."""
+    expire(state, now, limits.window_us)
+    entry = state.grants.get(grant_id)
+    if entry is not None:
+        delta = actual - entry.tokens
+        entry.tokens = actual
+        state.tokens += delta
+        if entry.lane:
+            state.lane_tokens[entry.lane] += delta
+        return delta
+    raise_id = grant_id + "+"
+    if actual <= estimate or raise_id in state.grants or not state.initialised:
+        return 0  # a refund after expiry frees nothing; a repeated raise is already charged
+    _add(state, raise_id, Entry(now, 0, actual - estimate, lane))
+    return actual - estimate
+
+
+def release(state: ModelState, limits: Limits, now: int, grant_id: str) -> bool:
+    """Remove a reservation whose call never reached the API; False if it was not there."""
+    expire(state, now, limits.window_us)
+    entry = state.grants.pop(grant_id, None)
+    if entry is None:
+        return False
+    state.log.remove((entry.at, grant_id))
+    _subtract(state, entry)
+    day = now // DAY_US
+    if state.day_counts.get(day, 0) > 0:
+        state.day_counts[day] -= 1
+    return True
+
+
+def report(state: ModelState, limits: Limits, now: int, retry_after_us: int, teach: bool) -> None:
+    """A 429: pause until the server's delay has passed; a quota 429 also cuts the budget."""
+    w = limits.window_us
+    if not state.initialised:
+        seed(state, now, limits)
+    expire(state, now, w)
+    state.pause_until = max(state.pause_until, now + retry_after_us)
+    # One cut per quarter window: a burst of 429s answers one overload, not several.
+    if teach and (state.factor_at == 0 or now - state.factor_at >= w // 4):
+        factor = effective_factor(state, now, w)
+        state.factor_ppm = max(FACTOR_FLOOR_PPM, factor * FACTOR_CUT_PPM // PPM)
+        state.factor_at = now
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The raw figures of one model at ``now`` (the limiter turns them into ``Usage``)."""
+
+    now: int
+    requests: int
+    tokens: int
+    factor_ppm: int
+    pause_until: int
+    requests_today: int
+    lanes: dict[str, tuple[int, int]]
+
+
+def snapshot(state: ModelState, limits: Limits, now: int) -> Snapshot:
+    if state.initialised:
+        expire(state, now, limits.window_us)
+    lanes = {
+        lane: (requests, state.lane_tokens.get(lane, 0))
+        for lane, requests in sorted(state.lane_requests.items())
+    }
+    return Snapshot(
+        now,
+        state.requests,
+        state.tokens,
+        effective_factor(state, now, limits.window_us),
+        state.pause_until,
+        state.day_counts.get(now // DAY_US, 0),
+        lanes,
+    )

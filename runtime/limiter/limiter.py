@@ -1,0 +1,411 @@
+"""The limiter of one process: local semaphore, FIFO waiters, grants, 429 feedback, fallback.
+
+Per (model, lane) the waiters of a process queue in FIFO order and only the head talks
+to the store: it takes a semaphore slot, books the next slot (one script call), sleeps
+until that slot and hands headship on. Redis load therefore grows with admissions, not
+with waiters. While Redis is unreachable the process admits from memory against its
+share of the budget (budget / live workers last seen) and returns to Redis by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from types import TracebackType
+from typing import TypeVar
+
+import structlog
+
+from runtime.errors import ConfigurationError
+from runtime.limiter import budget
+from runtime.limiter.budget import Budget, Limits
+from runtime.limiter.errors import DailyQuotaExhausted, RequestTooLarge, StoreUnavailable
+from runtime.limiter.grant import Grant, LaneUsage, LimiterStats, Usage, release_quietly
+from runtime.limiter.memory import MemoryRateStore
+from runtime.limiter.registry import HEARTBEAT_S, WorkerRegistry, live_count
+from runtime.limiter.store import RateStore
+
+log = structlog.get_logger()
+T = TypeVar("T")
+SHARED_POOL = "default"  # the key of every model without a budget of its own
+PROBE_S = 0.5
+_NAME = re.compile(r"^[A-Za-z0-9_.\-/]*$")
+
+
+def _check_name(kind: str, name: str) -> str:
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"{kind} {name!r}: use letters, digits and _ . - / only")
+    return name
+
+
+class Limiter:
+    """Admits calls of every process of the fleet within one budget per model."""
+
+    def __init__(
+        self,
+        default_budget: Budget,
+        *,
+        store: RateStore | None = None,
+        registry: WorkerRegistry | None = None,
+        max_inflight: int = 64,
+        lane_shares: Mapping[str, float] | None = None,
+        model_budgets: Mapping[str, Budget] | None = None,
+        rpd: int | None = None,
+        worker_id: str | None = None,
+        worker_type: str = "worker",
+        heartbeat_s: float = HEARTBEAT_S,
+        fallback: MemoryRateStore | None = None,
+    ) -> None:
+        shares = dict(lane_shares or {})
+        for lane, share in shares.items():
+            _check_name("lane", lane)
+            if not 0 < share <= 1:
+                raise ConfigurationError("GEMINI_LANE_SHARES", f"share of {lane} not in (0, 1]")
+        if sum(shares.values()) > 1 + 1e-9:
+            raise ConfigurationError("GEMINI_LANE_SHARES", "the shares add up to more than 1")
+        self.budget = default_budget
+        self.lane_shares = shares
+        self.model_budgets = {_check_name("model", m): b for m, b in (model_budgets or {}).items()}
+        self.rpd = rpd
+        self.max_inflight = max_inflight
+        self.worker_id = worker_id
+        self.worker_types: str | Sequence[str] = worker_type
+        self.stats = LimiterStats()
+        self._primary = store
+        self._fallback = fallback or MemoryRateStore()
+        self._registry = registry
+        self._heartbeat_s = heartbeat_s
+        self._semaphore = asyncio.Semaphore(max_inflight)
+        self._queues: dict[tuple[str, str], asyncio.Lock] = {}
+        self._live = 1
+        self._degraded = store is None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._probe: asyncio.Task[None] | None = None
+        self._ids = itertools.count()
+        self._id_prefix = f"{worker_id or os.getpid()}.{secrets.token_hex(3)}."
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Check the store, register the worker and start heartbeating."""
+        if self._primary is not None:
+            try:
+                await self._primary.ping()
+            except StoreUnavailable as exc:
+                self._enter_fallback(exc)
+        if self._registry is not None:
+            await self._beat()
+            self._spawn_task(self._heartbeat())
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._registry is not None and self.worker_id is not None:
+            with contextlib.suppress(StoreUnavailable):
+                await self._registry.deregister(self.worker_id)
+        if self._primary is not None:
+            await self._primary.aclose()
+
+    async def register(self, worker_id: str, worker_types: str | Sequence[str]) -> None:
+        """Announce this worker (one type or several); heartbeats keep it alive from now on."""
+        self.worker_id = worker_id
+        self.worker_types = worker_types
+        if self._registry is not None:
+            await self._beat()  # the heartbeat loop started with the limiter goes on
+
+    async def deregister(self, worker_id: str) -> None:
+        """Leave the registry at once instead of being declared dead 30 s later."""
+        if self._registry is not None:
+            with contextlib.suppress(StoreUnavailable):
+                await self._registry.deregister(worker_id)
+        if worker_id == self.worker_id:
+            self.worker_id = None
+
+    async def live_workers(self) -> dict[str, list[str]]:
+        """Live workers by type, as the registry sees them."""
+        if self._registry is None:
+            return {}
+        return await self._registry.live_workers()
+
+    @property
+    def degraded(self) -> bool:
+        """True while the shared store is unreachable (or absent) and admissions are local."""
+        return self._degraded and self._primary is not None
+
+    @property
+    def inflight(self) -> int:
+        """Admitted calls of this process not yet finished (including booked slots)."""
+        return self.max_inflight - self._semaphore._value
+
+    @property
+    def live_workers_seen(self) -> int:
+        return self._live
+
+    def _spawn_task(self, coroutine: Awaitable[None]) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _shielded(self, coroutine: Awaitable[None]) -> None:
+        # Shielded so that a cancelled caller still gives its reservation back.
+        await asyncio.shield(self._spawn_task(coroutine))
+
+    async def _beat(self) -> None:
+        assert self._registry is not None
+        try:
+            if self.worker_id is not None:
+                await self._registry.register(self.worker_id, self.worker_types)
+            self._live = max(1, live_count(await self._registry.live_workers()))
+        except StoreUnavailable:
+            pass  # keep the last count seen: the fallback divides by it
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat_s)
+            await self._beat()
+
+    # -- routing and fallback ---------------------------------------------------------
+
+    def _route(self, model: str) -> tuple[str, Limits]:
+        key = model if model in self.model_budgets else SHARED_POOL
+        chosen = self.model_budgets.get(model, self.budget)
+        return key, Limits.of(chosen, rpd=self.rpd, shares=self.lane_shares)
+
+    def _enter_fallback(self, exc: Exception) -> None:
+        self.stats.store_errors += 1
+        if not self._degraded:
+            self._degraded = True
+            log.warning(
+                "limiter.redis_unreachable",
+                error=str(exc),
+                share_of_budget=f"1/{self._live}",
+            )
+        if self._probe is None or self._probe.done():
+            self._probe = self._spawn_task(self._probe_until_back())
+
+    async def _probe_until_back(self) -> None:
+        assert self._primary is not None
+        while True:
+            await asyncio.sleep(PROBE_S)
+            try:
+                await self._primary.ping()
+            except StoreUnavailable:
+                continue
+            self._degraded = False
+            log.warning("limiter.redis_back")
+            return
+
+    async def _decide(
+        self, key: str, limits: Limits, op: Callable[[RateStore, Limits], Awaitable[T]]
+    ) -> tuple[RateStore, Limits, T]:
+        """Run ``op`` on Redis, or on the local share of the budget while it is away."""
+        if self._primary is not None and not self._degraded:
+            try:
+                return self._primary, limits, await op(self._primary, limits)
+            except StoreUnavailable as exc:
+                self._enter_fallback(exc)
+        local = limits.divided(self._live) if self._primary is not None else limits
+        return self._fallback, local, await op(self._fallback, local)
+
+    # -- admissions -------------------------------------------------------------------
+
+    def acquire(self, tokens: int, *, model: str, lane: str = "") -> Admission:
+        """Wait until one request of ``tokens`` fits the fleet's budget; use as ``async with``.
+
+        Raises ``RequestTooLarge`` for a request above the whole budget and
+        ``DailyQuotaExhausted`` when the requests-per-day budget is spent.
+        """
+        if tokens < 0:
+            raise ValueError(f"tokens must be >= 0, not {tokens}")
+        return Admission(self, tokens, _check_name("model", model), _check_name("lane", lane))
+
+    async def _admit(self, tokens: int, model: str, lane: str) -> Grant:
+        key, limits = self._route(model)
+        if tokens > limits.tpm:
+            raise RequestTooLarge(tokens, limits.tpm, model)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        grant_id = f"{self._id_prefix}{next(self._ids)}"
+        holder: tuple[RateStore, Limits] | None = None  # where a reservation may exist
+        holding_slot = False
+        queue = self._queues.setdefault((key, lane), asyncio.Lock())
+        try:
+            async with queue:  # FIFO: only the head of the queue asks the store
+                await self._semaphore.acquire()
+                holding_slot = True
+                while True:
+                    if self._primary is not None and not self._degraded:
+                        holder = (self._primary, limits)
+                    else:
+                        holder = (self._fallback, limits)
+                    store, used, decision = await self._decide(
+                        key,
+                        limits,
+                        lambda s, lim: s.admit(key, lim, grant_id, tokens, lane),
+                    )
+                    holder = (store, used)
+                    if decision.kind == budget.ADMIT:
+                        break
+                    holder = None
+                    if decision.kind == budget.TOO_LARGE:
+                        raise RequestTooLarge(tokens, used.tpm, model)
+                    if decision.kind == budget.DAY_EXHAUSTED:
+                        raise DailyQuotaExhausted(model, used.rpd, decision.value / 1e6)
+                    await asyncio.sleep(decision.value / 1e6)
+                # The slot is measured from the store's clock when it answered.
+                delay = (decision.value - decision.now) / 1e6
+                if delay > 0:
+                    await asyncio.sleep(delay)
+        except BaseException:
+            if holding_slot:
+                self._semaphore.release()
+            if holder is not None:
+                await self._shielded(release_quietly(holder[0], key, holder[1], grant_id))
+            raise
+        wait_s = loop.time() - started
+        self.stats.admissions += 1
+        self.stats.wait_s_total += wait_s
+        self.stats.tokens_reserved += tokens
+        shared = store is not self._fallback
+        if not shared and self._primary is not None:
+            self.stats.fallback_admissions += 1
+        return Grant(
+            grant_id=grant_id,
+            model=model,
+            key=key,
+            lane=lane,
+            tokens=tokens,
+            wait_s=wait_s,
+            slot=decision.value / 1e6,
+            shared=shared,
+            store=store,
+            limits=used,
+            stats=self.stats,
+            spawn=self._shielded,
+        )
+
+    # -- feedback and monitoring ------------------------------------------------------
+
+    async def report_rate_limited(
+        self, *, model: str, retry_after_s: float | None = None, quota_id: str | None = None
+    ) -> None:
+        """Gemini answered 429: pause this model fleet-wide; a quota 429 also cuts the budget.
+
+        Without ``retry_after_s`` the pause lasts a sixth of the window. Only a 429 that
+        names its quota (``quota_id``) lowers the effective budget.
+        """
+        key, limits = self._route(model)
+        self.stats.rate_limited_reports += 1
+        if quota_id is not None:
+            self.stats.quota_reports += 1
+        delay_us = (
+            round(retry_after_s * 1e6) if retry_after_s is not None else limits.window_us // 6
+        )
+        log.info("limiter.rate_limited", model=model, retry_after_s=retry_after_s, quota=quota_id)
+        await self._decide(
+            key, limits, lambda s, lim: s.report(key, lim, delay_us, quota_id is not None)
+        )
+
+    async def usage(self, *, model: str) -> Usage:
+        """Requests and tokens of ``model``'s budget in the current rolling window."""
+        key, limits = self._route(model)
+        _, used, snap = await self._decide(key, limits, lambda s, lim: s.snapshot(key, lim))
+        rpm, tpm = budget.effective_limits(used, snap.factor_ppm)
+        return Usage(
+            model=model,
+            requests=snap.requests,
+            tokens=snap.tokens,
+            budget=self.model_budgets.get(model, self.budget),
+            effective_rpm=rpm,
+            effective_tpm=tpm,
+            factor=snap.factor_ppm / budget.PPM,
+            paused_until=snap.pause_until / 1e6 if snap.pause_until > snap.now else None,
+            paused_for_s=max(0, snap.pause_until - snap.now) / 1e6,
+            lanes={
+                lane: LaneUsage(requests, tokens, self.lane_shares.get(lane))
+                for lane, (requests, tokens) in snap.lanes.items()
+            },
+            requests_today=snap.requests_today,
+            rpd=self.rpd,
+            degraded=self.degraded,
+        )
+
+
+class Admission:
+    """``async with limiter.acquire(...) as grant``: the slot is held for the call."""
+
+    def __init__(self, limiter: Limiter, tokens: int, model: str, lane: str) -> None:
+        self._limiter = limiter
+        self._tokens = tokens
+        self._model = model
+        self._lane = lane
+        self.grant: Grant | None = None
+
+    async def __aenter__(self) -> Grant:
+        self.grant = await self._limiter._admit(self._tokens, self._model, self._lane)
+        return self.grant
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        # An unsettled grant keeps its estimate: the call may well have reached the API.
+        self._limiter._semaphore.release()
+
+
+async def create_limiter(
+    redis_url: str | None,
+    budget: Budget,
+    *,
+    namespace: str = "gemini",
+    max_inflight: int = 64,
+    lane_shares: Mapping[str, float] | None = None,
+    model_budgets: Mapping[str, Budget] | None = None,
+    rpd: int | None = None,
+    worker_id: str | None = None,
+    worker_type: str = "worker",
+    heartbeat_s: float = HEARTBEAT_S,
+    timeout_s: float = 2.0,
+) -> Limiter:
+    """A started limiter: fleet-wide on ``redis_url``, or in this process only when None.
+
+    ``model_budgets`` gives some models a budget of their own; every other model shares
+    ``budget``. ``rpd`` is a requests-per-day budget per model. With ``worker_id`` the
+    process registers in the worker registry (heartbeat every ``heartbeat_s``). Redis
+    need not be reachable at start: the limiter admits locally until it answers.
+    """
+    from runtime.limiter.redis import RedisRateStore, connect
+    from runtime.limiter.registry import MemoryWorkerRegistry, RedisWorkerRegistry
+
+    _check_name("namespace", namespace)
+    store: RateStore | None = None
+    registry: WorkerRegistry
+    if redis_url is None:
+        registry = MemoryWorkerRegistry()
+    else:
+        client = connect(redis_url, timeout_s)
+        store = RedisRateStore(client, namespace, timeout_s=timeout_s)
+        registry = RedisWorkerRegistry(client, namespace)
+    limiter = Limiter(
+        budget,
+        store=store,
+        registry=registry,
+        max_inflight=max_inflight,
+        lane_shares=lane_shares,
+        model_budgets=model_budgets,
+        rpd=rpd,
+        worker_id=worker_id,
+        worker_type=worker_type,
+        heartbeat_s=heartbeat_s,
+    )
+    await limiter.start()
+    return limiter
