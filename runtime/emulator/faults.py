@@ -53,6 +53,8 @@ class FaultRule:
     hang_s: float = 600.0
 
     def __post_init__(self) -> None:
+        # Accept the kind's plain name too ("safety"), as the admin endpoint does.
+        object.__setattr__(self, "kind", FaultKind(self.kind))
         if self.count is not None and self.count < 0:
             raise ValueError("count must be >= 0")
         if self.fraction is not None and not 0.0 <= self.fraction <= 1.0:
