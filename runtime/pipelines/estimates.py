@@ -10,7 +10,8 @@ figures of the original system. Reserving mean + deviation keeps most settles re
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from typing import Protocol
@@ -96,18 +97,39 @@ class MemoryEstimates:
 
 
 class RedisEstimates:
-    """Learned figures shared by the fleet; falls back to memory while Redis is away."""
+    """Learned figures shared by the fleet; falls back to memory while Redis is away.
+
+    Reads are cached for a few seconds: an estimate needs to be recent, not exact, and a
+    read per call would double the Redis round trips of every model call.
+    """
 
     _TTL_S = 7 * 24 * 3600  # forgotten after a week without calls of that kind
+    _CACHE_S = 5.0
 
-    def __init__(self, client: aioredis.Redis, namespace: str) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        namespace: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._client = client
         self._key = f"{namespace}:estimates"
         self._local = MemoryEstimates()
+        self._cache: dict[str, tuple[float, Learned]] = {}
+        self._clock = clock
         script = resources.files("runtime.pipelines").joinpath("estimates.lua").read_text()
         self._update = client.register_script(script)
 
     async def get(self, kind: str) -> Learned:
+        cached = self._cache.get(kind)
+        if cached is not None and self._clock() - cached[0] < self._CACHE_S:
+            return cached[1]
+        learned = await self._read(kind)
+        self._cache[kind] = (self._clock(), learned)
+        return learned
+
+    async def _read(self, kind: str) -> Learned:
         try:
             values = await self._client.hmget(
                 self._key, f"{kind}:mean", f"{kind}:dev", f"{kind}:ratio"

@@ -24,6 +24,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import aiohttp
 import structlog
 from google import genai
 from google.genai import errors as genai_errors
@@ -166,6 +167,10 @@ class GeminiClient:
         )
         if base_url:
             http_options.base_url = base_url
+        # Our own session: the SDK's default one subclasses aiohttp.ClientSession, which
+        # aiohttp deprecates, and owning it lets aclose() release the connections.
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s))
+        http_options.aiohttp_client = self._session
         self._client = genai.Client(api_key=api_key, http_options=http_options)
         self._limiter = limiter
         self._estimates = estimates
@@ -176,6 +181,7 @@ class GeminiClient:
 
     async def aclose(self) -> None:
         await self._client.aio.aclose()
+        await self._session.close()
 
     async def estimate(self, call: Call) -> tuple[int, int]:
         """(tokens to reserve, heuristic input) for a call."""
