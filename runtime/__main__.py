@@ -48,6 +48,30 @@ def _db(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from runtime.worker import run_worker
+
+    return asyncio.run(run_worker(settings))
+
+
+def _monitor(args: argparse.Namespace, settings: Settings) -> int:
+    from runtime.ops.cli import run_monitor
+
+    return run_monitor(args, settings)
+
+
+def _capacity(args: argparse.Namespace, settings: Settings) -> int:
+    from runtime.ops.cli import run_capacity
+
+    return run_capacity(args, settings)
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from runtime.ops.demo import run
+
+    return run(args, settings)
+
+
 def _emulator(args: argparse.Namespace, settings: Settings) -> int:
     from runtime.emulator.cli import run
 
@@ -60,6 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
         description="OCR worker runtime for the Quebec land registry, under one Gemini quota.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from runtime.ops.cli import configure_capacity, configure_monitor
+    from runtime.ops.demo import configure_parser as configure_demo
+
+    demo = commands.add_parser("demo", help="a whole fleet on this machine, in about a minute")
+    configure_demo(demo)
+    demo.set_defaults(handler=_demo)
+
+    worker = commands.add_parser("worker", help="run one OCR worker process (Procfile: worker)")
+    worker.set_defaults(handler=_worker)
+
+    monitor = commands.add_parser("monitor", help="live view of quota, workers and queue")
+    configure_monitor(monitor)
+    monitor.set_defaults(handler=_monitor)
+
+    capacity = commands.add_parser("capacity", help="how many workers the quota can carry")
+    configure_capacity(capacity)
+    capacity.set_defaults(handler=_capacity)
 
     config = commands.add_parser("config", help="print the effective settings, secrets redacted")
     config.set_defaults(handler=_config)

@@ -45,6 +45,7 @@ class Settings:
     gemini_tpm_limit: int = 8_000_000
     gemini_safety_factor: float = 0.9
     gemini_window_s: float = 60.0
+    gemini_arrival_skew_s: float = 0.5
     gemini_tpm_counts: str = "input"
     gemini_rpd_limit: int | None = None
     gemini_lane_shares: Mapping[str, float] = field(default_factory=dict)
@@ -184,6 +185,16 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _non_negative_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"expected a number of seconds >= 0, got {raw!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"expected a number of seconds >= 0, got {raw!r}")
+    return value
+
+
 def _fraction(raw: str) -> float:
     try:
         value = float(raw)
@@ -298,6 +309,7 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("GEMINI_TPM_LIMIT", _positive_int, "tokens per window of the project's quota"),
     _Spec("GEMINI_SAFETY_FACTOR", _fraction, "fraction of the quota the fleet may use"),
     _Spec("GEMINI_WINDOW_S", _positive_float, "length of the quota window in seconds"),
+    _Spec("GEMINI_ARRIVAL_SKEW_S", _non_negative_float, "spread of request arrival delays"),
     _Spec("GEMINI_TPM_COUNTS", _choice("input", "total"), "which tokens the TPM quota counts"),
     _Spec("GEMINI_RPD_LIMIT", _positive_int, "requests per day of the quota (optional)"),
     _Spec("GEMINI_LANE_SHARES", _lane_shares, "guaranteed share of the budget per lane"),
