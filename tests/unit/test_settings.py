@@ -62,6 +62,7 @@ def test_values_are_parsed_into_types() -> None:
         ("GEMINI_SAFETY_FACTOR", "0"),
         ("GEMINI_WINDOW_S", "nan"),
         ("GEMINI_WINDOW_S", "-60"),
+        ("GEMINI_ARRIVAL_SKEW_S", "-0.1"),
         ("GEMINI_TPM_COUNTS", "output"),
         ("GEMINI_RPD_LIMIT", "1e3"),
         ("GEMINI_LANE_SHARES", "index:0.3"),
