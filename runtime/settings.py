@@ -155,61 +155,35 @@ def _format_mapping_value(value: object) -> str:
 # --- parsers: each raises ValueError with what the variable accepts -------------------
 
 
-def _positive_int(raw: str) -> int:
-    try:
-        value = int(raw.replace("_", ""))
-    except ValueError:
-        raise ValueError(f"expected a positive whole number, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"expected a positive whole number, got {raw!r}")
-    return value
+def _number(
+    convert: Callable[[str], Any], accept: Callable[[Any], bool], expected: str
+) -> Callable[[str], Any]:
+    def parse(raw: str) -> Any:
+        try:
+            value = convert(raw)
+        except ValueError:
+            raise ValueError(f"expected {expected}, got {raw!r}") from None
+        if not accept(value):
+            raise ValueError(f"expected {expected}, got {raw!r}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"expected a whole number >= 0, got {raw!r}") from None
-    if value < 0:
-        raise ValueError(f"expected a whole number >= 0, got {raw!r}")
-    return value
+def _whole(raw: str) -> int:
+    return int(raw.replace("_", ""))
 
 
-def _positive_float(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"expected a positive number of seconds, got {raw!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"expected a positive number of seconds, got {raw!r}")
-    return value
-
-
-def _non_negative_float(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"expected a number of seconds >= 0, got {raw!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"expected a number of seconds >= 0, got {raw!r}")
-    return value
-
-
-def _fraction(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"expected a fraction in (0, 1], got {raw!r}") from None
-    if not 0 < value <= 1:
-        raise ValueError(f"expected a fraction in (0, 1], got {raw!r}")
-    return value
-
-
-def _port(raw: str) -> int:
-    value = _positive_int(raw)
-    if value > 65535:
-        raise ValueError(f"expected a TCP port 1-65535, got {raw!r}")
-    return value
+_positive_int = _number(_whole, lambda v: v > 0, "a positive whole number")
+_non_negative_int = _number(_whole, lambda v: v >= 0, "a whole number >= 0")
+_positive_float = _number(
+    float, lambda v: math.isfinite(v) and v > 0, "a positive number of seconds"
+)
+_non_negative_float = _number(
+    float, lambda v: math.isfinite(v) and v >= 0, "a number of seconds >= 0"
+)
+_fraction = _number(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
+_port = _number(_whole, lambda v: 0 < v <= 65535, "a TCP port 1-65535")
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:

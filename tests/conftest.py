@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import subprocess
+import sys
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -108,3 +111,27 @@ async def database_url(pg_server: LocalPostgres) -> AsyncIterator[str]:
     name = await _create_database(pg_server, _TEMPLATE_DB)
     yield pg_server.dsn(name)
     await _drop_database(pg_server, name)
+
+
+CommandRunner = Callable[..., "subprocess.CompletedProcess[str]"]
+# Settings of the machine running the tests must not leak into the commands under test.
+_RUNTIME_PREFIXES = ("GEMINI_", "WORKER_", "REDIS_", "DATABASE_", "MONITOR_", "DOCUMENTS_")
+
+
+@pytest.fixture
+def run_cli() -> CommandRunner:
+    """Runs ``python -m runtime ARGS`` with only the given runtime variables set."""
+
+    def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        environment = {k: v for k, v in os.environ.items() if not k.startswith(_RUNTIME_PREFIXES)}
+        environment.update(env, COLUMNS="160")
+        return subprocess.run(
+            [sys.executable, "-m", "runtime", *args],
+            capture_output=True,
+            text=True,
+            env=environment,
+            timeout=60,
+            check=False,
+        )
+
+    return run
