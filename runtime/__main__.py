@@ -43,7 +43,7 @@ def _db(args: argparse.Namespace, settings: Settings) -> int:
         if args.db_command == "init":
             asyncio.run(db.init_schema(urls.database_url))
         else:
-            asyncio.run(db.migrate(urls.database_url))
+            asyncio.run(db.migrate(urls.database_url, notify=args.notify))
         print(f"db {args.db_command}: schema is up to date on {redact_url(urls.database_url)}")
     return 0
 
@@ -109,7 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     db = commands.add_parser("db", help="create or migrate the queue schema")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     db_commands.add_parser("init", help="create extraction_queue and extraction_status (dev)")
-    db_commands.add_parser("migrate", help="add the runtime's columns and tables, additively")
+    migrate = db_commands.add_parser(
+        "migrate", help="add the runtime's columns and tables, additively"
+    )
+    migrate.add_argument(
+        "--notify",
+        action="store_true",
+        help="also install a trigger that wakes idle workers when a row becomes ready",
+    )
     db.set_defaults(handler=_db)
 
     try:

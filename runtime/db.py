@@ -6,7 +6,7 @@ from importlib import resources
 
 import asyncpg
 
-from runtime.errors import ServiceError
+from runtime.errors import ConfigurationError, ServiceError
 
 # Serialises concurrent migrations (several workers started at once); an arbitrary key.
 _MIGRATION_LOCK = 0x5245_4749_4F43_52  # "REGIOCR"
@@ -27,6 +27,14 @@ async def _apply(dsn: str, *names: str) -> None:
             await connection.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
             for name in names:
                 await connection.execute(read_sql(name))
+    except asyncpg.UndefinedTableError as exc:
+        raise ConfigurationError(
+            "DATABASE_URL",
+            f"{exc}: this database has no extractor tables; point DATABASE_URL at the "
+            "extractor's database, or run `db init` for a development database",
+        ) from exc
+    except asyncpg.PostgresError as exc:
+        raise ServiceError(f"schema change failed: {exc}") from exc
     finally:
         await connection.close()
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
+import pytest
 
 from runtime.db import init_schema, migrate, read_sql
+from runtime.errors import ConfigurationError
 
 _SNAPSHOT = """
 SELECT 'column' AS kind, table_name || '.' || column_name || ' ' || data_type
@@ -98,3 +102,35 @@ async def test_migrate_on_an_existing_extractor_database_is_additive_and_idempot
     added = {what.split(" ")[0] for kind, what in set(after_first) - set(before)}
     assert "extraction_queue.ocr_claim_id" in added
     assert "ocr_worker_leases.heartbeat_at" in added
+
+
+async def test_migrate_on_a_database_without_the_extractors_tables_says_so(
+    empty_database_url: str,
+) -> None:
+    with pytest.raises(ConfigurationError, match="db init"):
+        await migrate(empty_database_url)
+
+
+async def test_migrate_notify_installs_a_trigger_that_announces_ready_rows(
+    database_url: str,
+) -> None:
+    await migrate(database_url, notify=True)
+    await migrate(database_url, notify=True)
+    connection = await asyncpg.connect(database_url)
+    heard: list[str] = []
+    try:
+        await connection.add_listener("extraction_queue_ready", lambda *a: heard.append(a[3]))
+        other = await asyncpg.connect(database_url)
+        try:
+            await other.execute(
+                "INSERT INTO extraction_queue (document_source, status_id) VALUES ('acte', 3)"
+            )
+        finally:
+            await other.close()
+        for _ in range(50):
+            if heard:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await connection.close()
+    assert heard
