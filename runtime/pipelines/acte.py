@@ -8,8 +8,12 @@ one call may return. The uploaded file is deleted whatever happens, cancellation
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
+from google.genai import types
+
+from runtime.errors import PermanentError
 from runtime.pipelines.common import (
     Document,
     PipelineConfig,
@@ -18,7 +22,7 @@ from runtime.pipelines.common import (
     open_pdf,
     prompt,
 )
-from runtime.pipelines.gemini import Call, CallLog, GeminiClient, current_call_log
+from runtime.pipelines.gemini import Call, CallLog, Completion, GeminiClient, current_call_log
 
 LANE = "acte"
 
@@ -78,7 +82,7 @@ async def run_acte(
     try:
         pages = len(open_pdf(pdf).pages)
         name = (row.supabase_path or row.document_number or "acte").rsplit("/", 1)[-1]
-        uploaded = await client.upload_pdf(pdf, display_name=name[:120])
+        uploaded = await _upload(client, pdf, name[:120])
         try:
             active = await client.wait_active(uploaded, timeout_s=config.file_active_timeout_s)
             raw = await client.generate(
@@ -90,8 +94,10 @@ async def run_acte(
                     file=active,
                     pages=pages,
                     temperature=0.1,
+                    max_output_tokens=config.max_output_tokens,
                 )
             )
+            _refuse_truncated(raw, "transcription")
         finally:
             # Shielded: a cancelled job must still not leave its PDF on Google's side.
             await asyncio.shield(client.delete_file(uploaded))
@@ -103,6 +109,33 @@ async def run_acte(
         boosted_file_content=boosted,
         profile=Profile.of(row.document_source, pages, calls, time.monotonic() - started),
     )
+
+
+async def _upload(client: GeminiClient, pdf: bytes, name: str) -> types.File:
+    """Upload the PDF; cancelled meanwhile, the upload still ends and its file is deleted.
+
+    Once the bytes are sent, the file may exist on Google's side before its name is known
+    here: dropping the upload would leave the PDF there for two days.
+    """
+    upload = asyncio.ensure_future(client.upload_pdf(pdf, display_name=name))
+    try:
+        return await asyncio.shield(upload)
+    except asyncio.CancelledError:
+        # The upload goes on, shielded: wait for its end, then delete what it stored (a
+        # failed upload stored nothing).
+        with contextlib.suppress(Exception):
+            uploaded = await asyncio.shield(upload)
+            await asyncio.shield(client.delete_file(uploaded))
+        raise
+
+
+def _refuse_truncated(completion: Completion, what: str) -> None:
+    # A cut answer looks like a success; saving it would silently lose the end of a deed.
+    if completion.finish_reason == "MAX_TOKENS":
+        raise PermanentError(
+            f"the acte's {what} was cut at the model's output limit "
+            f"({completion.output_tokens} tokens); the deed is too long for one call"
+        )
 
 
 async def _boost(client: GeminiClient, config: PipelineConfig, raw: str) -> str:
@@ -118,7 +151,9 @@ async def _boost(client: GeminiClient, config: PipelineConfig, raw: str) -> str:
                 lane=LANE,
                 prompt=template.format(part=part, text=chunk),
                 temperature=0.2,
+                max_output_tokens=config.max_output_tokens,
             )
         )
+        _refuse_truncated(completion, f"correction of part {number}")
         outputs.append(completion.text.strip())
     return "\n\n".join(outputs)

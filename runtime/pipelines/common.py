@@ -9,10 +9,23 @@ from importlib import resources
 from typing import Protocol
 
 import pypdf
-from pypdf.errors import FileNotDecryptedError, PdfReadError
+from pypdf.errors import DependencyError, FileNotDecryptedError, PyPdfError
 
 from runtime.errors import PermanentError
 from runtime.pipelines.gemini import CallLog
+
+# What pypdf raises on a damaged file, while opening it or later reading its pages: its
+# own errors, and plain Python ones from the structures it walks (a page that is not a
+# dictionary, a reference to nothing, a loop of references).
+PDF_DAMAGE: tuple[type[Exception], ...] = (
+    PyPdfError,
+    ValueError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    IndexError,
+    RecursionError,
+)
 
 
 class Document(Protocol):
@@ -40,6 +53,7 @@ class PipelineConfig:
     boost_chunk_chars: int = 120_000  # about 30K output tokens, well under one call's limit
     file_active_timeout_s: float = 300.0
     unreadable_retries: int = 2
+    max_output_tokens: int | None = None  # None: the model's own limit
 
 
 @dataclass(frozen=True)
@@ -98,7 +112,9 @@ def open_pdf(data: bytes, *, max_pages: int | None = None) -> pypdf.PdfReader:
         pages = len(reader.pages)
     except FileNotDecryptedError as exc:
         raise PermanentError("the PDF is encrypted with a password") from exc
-    except (PdfReadError, ValueError, KeyError, TypeError) as exc:
+    except DependencyError as exc:  # an encryption this installation cannot undo
+        raise PermanentError(f"the PDF is encrypted and cannot be opened ({exc})") from exc
+    except PDF_DAMAGE as exc:
         raise PermanentError(f"the PDF is damaged and cannot be read ({exc})") from exc
     if pages == 0:
         raise PermanentError("the PDF has no pages")

@@ -21,6 +21,7 @@ import pypdf
 
 from runtime.errors import PermanentError
 from runtime.pipelines.common import (
+    PDF_DAMAGE,
     Document,
     PipelineConfig,
     PipelineResult,
@@ -29,7 +30,15 @@ from runtime.pipelines.common import (
     open_pdf,
     prompt,
 )
-from runtime.pipelines.gemini import Call, CallLog, GeminiClient, current_call_log
+from runtime.pipelines.gemini import (
+    Call,
+    CallLog,
+    GeminiBlocked,
+    GeminiClient,
+    GeminiRejected,
+    GeminiUnavailable,
+    current_call_log,
+)
 from runtime.pipelines.parsing import (
     LineCount,
     UnreadableAnswer,
@@ -39,6 +48,10 @@ from runtime.pipelines.parsing import (
 
 LANE = "index"
 T = TypeVar("T")
+
+
+class UnreadablePage(PermanentError):
+    """The model's answers about a page could not be read, however often asked."""
 
 
 @dataclass(frozen=True)
@@ -55,13 +68,22 @@ class PageResult:
 
 
 def split_pages(reader: pypdf.PdfReader) -> list[bytes]:
-    """Each page as a PDF of its own."""
+    """Each page as a PDF of its own; a page pypdf cannot copy is a PermanentError.
+
+    A PDF whose table of pages reads fine can still hold damaged pages: pypdf only walks
+    a page when it is copied.
+    """
     pages = []
-    for page in reader.pages:
-        writer = pypdf.PdfWriter()
-        writer.add_page(page)
-        buffer = io.BytesIO()
-        writer.write(buffer)
+    for number in range(1, len(reader.pages) + 1):
+        try:
+            writer = pypdf.PdfWriter()
+            writer.add_page(reader.pages[number - 1])
+            buffer = io.BytesIO()
+            writer.write(buffer)
+        except PDF_DAMAGE as exc:
+            raise PermanentError(
+                f"the PDF is damaged and cannot be read (page {number}: {exc})"
+            ) from exc
         pages.append(buffer.getvalue())
     return pages
 
@@ -76,12 +98,16 @@ async def _ask(
     """Call, then read the answer; an unreadable answer is asked again a few times."""
     problem = ""
     for _ in range(config.unreadable_retries + 1):
-        completion = await client.generate(call)
+        try:
+            completion = await client.generate(call)
+        except (GeminiBlocked, GeminiRejected, GeminiUnavailable) as exc:
+            # The same failure, saying which page of the document it concerns.
+            raise type(exc)(f"page {page}: {exc}") from exc
         try:
             return read(completion.text)
         except UnreadableAnswer as exc:
             problem = str(exc)
-    raise PermanentError(
+    raise UnreadablePage(
         f"page {page}: the model's {call.kind} answer could not be read: {problem}"
     )
 
@@ -120,9 +146,12 @@ async def _read_page(
     if len(records) < count.count:
         reread = True
         text = prompt("index_recount").format(found=len(records), expected=count.count)
-        again: list[dict[str, Any]] = await _ask(
-            client, call("index_recount", text), read_inscriptions, config, number
-        )
+        try:
+            again: list[dict[str, Any]] = await _ask(
+                client, call("index_recount", text), read_inscriptions, config, number
+            )
+        except UnreadablePage:
+            again = []  # the first reading stands; the gap is recorded below
         if len(again) > len(records):
             records = again
     return PageResult(

@@ -7,12 +7,13 @@ out of output tokens. These readers keep what can be trusted and say when nothin
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 _FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)(?:```|$)", re.DOTALL)
-_PUBLICATION_NUMBER = re.compile(r"^\d{6}$")
+_PUBLICATION_NUMBER = re.compile(r"[0-9]{6}")
 
 
 class UnreadableAnswer(ValueError):
@@ -66,17 +67,31 @@ def read_line_count(text: str) -> LineCount:
     if not isinstance(value, dict):
         raise UnreadableAnswer("the line count is not a JSON object")
     raw = value.get("nombre_lignes", value.get("count"))
-    if isinstance(raw, bool) or not isinstance(raw, int | float) or raw < 0:
+    if isinstance(raw, str) and raw.strip().isdecimal():
+        raw = int(raw.strip())
+    # JSON as Python reads it allows NaN and Infinity, which are no count of lines.
+    count = _number(raw)
+    if count is None or count < 0:
         raise UnreadableAnswer(f"the line count is not a number of lines: {raw!r}")
     confidence = value.get("confiance", value.get("confidence"))
-    return LineCount(
-        count=int(raw),
-        confidence=float(confidence) if isinstance(confidence, int | float) else None,
-    )
+    return LineCount(count=int(count), confidence=_number(confidence))
+
+
+def _number(value: Any) -> float | None:
+    """A finite number, or None (booleans are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
 
 
 def _text(value: Any) -> str:
     return "" if value is None else str(value).strip()
+
+
+def _optional(value: Any) -> str:
+    """A field that may be empty: a lone dash, as the registry writes it, is empty."""
+    text = _text(value)
+    return "" if text.strip("—–-") == "" else text
 
 
 def read_inscriptions(text: str) -> list[dict[str, Any]]:
@@ -91,18 +106,17 @@ def read_inscriptions(text: str) -> list[dict[str, Any]]:
         if not isinstance(item, dict):
             continue
         number = _text(item.get("numero_publication")).replace(" ", "")
-        if not _PUBLICATION_NUMBER.match(number):
+        if not _PUBLICATION_NUMBER.fullmatch(number):
             continue
-        confidence = item.get("confiance")
         records.append(
             {
                 "parties": _text(item.get("parties")),
                 "nature": _text(item.get("nature")),
                 "date": _text(item.get("date")),
                 "numero_publication": number,
-                "radiation": _text(item.get("radiation")),
-                "remarques": _text(item.get("remarques")),
-                "confiance": float(confidence) if isinstance(confidence, int | float) else None,
+                "radiation": _optional(item.get("radiation")),
+                "remarques": _optional(item.get("remarques")),
+                "confiance": _number(item.get("confiance")),
             }
         )
     return records
