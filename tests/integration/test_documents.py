@@ -80,7 +80,7 @@ async def test_supabase_missing_object_is_permanent(storage: tuple[FakeStorage, 
     _, url = storage
     store = SupabaseDocuments(url, KEY, max_bytes=1_000_000)
     try:
-        with pytest.raises(DocumentNotFound, match="actes/nope.pdf"):
+        with pytest.raises(DocumentNotFound, match=r"actes/nope\.pdf"):
             await store.fetch("acte", "nope.pdf")
     finally:
         await store.aclose()
@@ -134,7 +134,7 @@ async def test_local_tree_uses_the_bucket_layout(tmp_path: Path) -> None:
     (tmp_path / "index" / "42-Quebec.pdf").write_bytes(PDF)
     store = open_documents(tmp_path.as_uri(), None, max_bytes=1_000_000)
     assert await store.fetch("index", "42-Quebec.pdf") == PDF
-    with pytest.raises(DocumentNotFound, match="actes/42-Quebec.pdf"):
+    with pytest.raises(DocumentNotFound, match=r"actes/42-Quebec\.pdf"):
         await store.fetch("acte", "42-Quebec.pdf")
     with pytest.raises(PermanentError, match="leaves bucket"):
         await store.fetch("index", "../../etc/passwd")
