@@ -97,9 +97,10 @@ class EmulatedGemini:
             self.quota(model).limits = limits
 
     def stats(self) -> dict[str, Any]:
+        now = self._clock()
         return {
             "models": {
-                model: self.counters[model].snapshot(quota, self.config.tpm_counts)
+                model: self.counters[model].snapshot(quota, self.config.tpm_counts, now)
                 for model, quota in sorted(self.quotas.items())
             },
             "files": {

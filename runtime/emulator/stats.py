@@ -30,7 +30,8 @@ class ModelCounters:
     thoughts_tokens: int = 0
     total_tokens: int = 0
 
-    def snapshot(self, quota: RollingQuota, tpm_counts: str) -> dict[str, Any]:
+    def snapshot(self, quota: RollingQuota, tpm_counts: str, now: float) -> dict[str, Any]:
+        window_requests, window_tokens = quota.usage(now)
         return {
             "requests": self.requests,
             "admitted": self.admitted,
@@ -47,6 +48,9 @@ class ModelCounters:
             "peak_requests": quota.peak_requests,
             "peak_counted_requests": quota.peak_counted_requests,
             "peak_tokens": quota.peak_tokens,
+            # What the rolling window ending now holds (counted arrivals, tokens).
+            "window_requests": window_requests,
+            "window_tokens": window_tokens,
             "limits": {
                 "rpm": quota.limits.rpm,
                 "tpm": quota.limits.tpm,

@@ -142,8 +142,11 @@ def _view(progress: Progress, total: int, stats: dict[str, Any], started: float)
         limits = figures["limits"]
         table.add_row(
             model,
-            f"peak RPM {figures['peak_counted_requests']}/{limits['rpm']}",
-            f"peak TPM {figures['peak_tokens']}/{limits['tpm']}  429s {figures['http_429']}",
+            f"RPM {100 * figures['window_requests'] / limits['rpm']:.0f}% of quota "
+            f"(peak {100 * figures['peak_counted_requests'] / limits['rpm']:.0f}%)",
+            f"TPM {100 * figures['window_tokens'] / limits['tpm']:.0f}% of quota "
+            f"(peak {100 * figures['peak_tokens'] / limits['tpm']:.0f}%)  "
+            f"429s {figures['http_429']}",
         )
     return table
 

@@ -35,6 +35,7 @@ from runtime.pipelines.estimates import EstimateStore, heuristic_input
 
 log = structlog.get_logger()
 
+_DELETE_HEADROOM = 16  # connections kept for deletes, which never wait for a File API slot
 _RETRY_DELAY = re.compile(r"^\s*([0-9.]+)s\s*$")
 _RETRY_IN_MESSAGE = re.compile(r"retry in ([0-9.]+)\s*s", re.IGNORECASE)
 
@@ -169,7 +170,13 @@ class GeminiClient:
             http_options.base_url = base_url
         # Our own session: the SDK's default one subclasses aiohttp.ClientSession, which
         # aiohttp deprecates, and owning it lets aclose() release the connections.
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s))
+        # Enough connections for every admitted call AND every File API call at once:
+        # aiohttp's default of 100 would silently cap the limiter's in-flight calls, and a
+        # delete queued behind generate calls could time out and leave a PDF behind.
+        connector = aiohttp.TCPConnector(limit=2 * max_inflight + _DELETE_HEADROOM)
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)
+        )
         http_options.aiohttp_client = self._session
         self._client = genai.Client(api_key=api_key, http_options=http_options)
         self._limiter = limiter
@@ -390,13 +397,15 @@ class GeminiClient:
                     raise self._file_error("get", exc) from exc
 
     async def delete_file(self, file: types.File) -> None:
-        """Delete an uploaded file; failures are logged, never raised (it expires anyway)."""
-        async with self._files:
-            try:
-                async with asyncio.timeout(min(self._timeout_s, 30.0)):
-                    await self._client.aio.files.delete(name=file.name or "")
-            except (TimeoutError, genai_errors.APIError) as exc:
-                log.warning("uploaded file not deleted", file=file.name, error=str(exc))
+        """Delete an uploaded file; failures are logged, never raised (it expires anyway).
+
+        Deletes skip the File API slots: cleanup must not queue behind new uploads.
+        """
+        try:
+            async with asyncio.timeout(min(self._timeout_s, 60.0)):
+                await self._client.aio.files.delete(name=file.name or "")
+        except (TimeoutError, genai_errors.APIError) as exc:
+            log.warning("uploaded file not deleted", file=file.name, error=str(exc))
 
     async def count_tokens(self, *, model: str, parts: Sequence[types.Part]) -> int:
         async with self._files:
