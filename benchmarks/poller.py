@@ -219,4 +219,6 @@ async def _drop_queue(admin_dsn: str) -> None:
 
 
 if __name__ == "__main__":
-    print(run(quick=os.environ.get("BENCH_QUICK") == "1"))
+    import sys
+
+    print(run(quick="--quick" in sys.argv or os.environ.get("BENCH_QUICK") == "1"))
