@@ -29,6 +29,25 @@ the window ending there within budget. Hence no rolling window ever holds more t
 upward while still in the log. A raise settled after its entry left the log is charged as
 a fresh entry at the settle time, unchecked: the call already happened.
 
+Adaptation to 429s: a quota 429 (one that names its quota) cuts the factor to 70 % of the
+level that met it (never below 10 %), at most once per quarter window: the factor in
+force, or what the window ``(now - W, now]`` held if less (a fleet below its budget
+failed at what it sent), but no lower than 70 % of the factor, so one cut keeps between
+49 % and 70 % of the factor. The factor then climbs back while no quota 429 comes:
+
+* The ceiling is the level at which the last quota 429 arrived: the factor then, or the
+  share of the budget the window actually held if lower, but never so low that the
+  knee falls below the cut factor. It is remembered only when that 429 came while the
+  factor was still climbing back (below 100 %). A first 429 after a full recovery sets
+  no ceiling: the factor climbs back to the budget additively, +10 % of the budget per
+  quiet window, in a few windows.
+* Under a ceiling the climb is +10 % of the budget per window up to the knee (90 % of
+  the ceiling), then +1 % of the ceiling per window up to the ceiling (ten windows),
+  then +10 % per window again: once the factor passes the ceiling without a 429 the
+  ceiling no longer applies, so a raised quota is found again.
+* A lowered quota therefore costs one 429 about every eleven windows instead of one
+  every couple of windows. Every climb is back at 100 % within ``RECOVERY_WINDOWS``.
+
 After a lost state (first start, FLUSHALL, failover, idle expiry) the log is seeded with
 phantom entries that spread the full budget evenly over the past window, as if the
 fleet had been admitting at the paced rate. A fresh double burst is impossible; the
@@ -44,9 +63,13 @@ from dataclasses import dataclass, field
 PPM = 1_000_000
 DAY_US = 86_400_000_000
 MAX_EXACT = 2**53
+MAX_TPM = 10**9  # the tokens of a window in parts per million stay exact below 2**53
 FACTOR_FLOOR_PPM = 100_000  # a quota 429 never cuts the budget below 10 %
-FACTOR_CUT_PPM = 700_000  # each quota 429 keeps 70 % of the effective budget
+FACTOR_CUT_PPM = 700_000  # each quota 429 keeps 70 % of the level it met
 RECOVERY_PPM_PER_WINDOW = 100_000  # +10 % of the budget per quiet window
+KNEE_PPM = 900_000  # the fast climb stops at 90 % of the factor that met the last 429
+SLOW_WINDOWS = 10  # from the knee to the ceiling: +1 % of the ceiling per quiet window
+RECOVERY_WINDOWS = 25  # every climb is back at 100 % after this many quiet windows
 PHANTOM_ENTRIES = 100
 WALK_LIMIT = 128  # log entries one admission may read past the expired head
 PHANTOM_PREFIX = "~"
@@ -72,6 +95,8 @@ class Budget:
             raise ValueError(f"window_s must lie between 1 ms and one day, not {self.window_s}")
         if self.tpm * self.window_us >= MAX_EXACT:
             raise ValueError("tpm x window in microseconds must stay below 2**53")
+        if self.tpm > MAX_TPM:
+            raise ValueError(f"tpm must stay at or below {MAX_TPM:,}, not {self.tpm:,}")
 
     @property
     def window_us(self) -> int:
@@ -149,6 +174,7 @@ class ModelState:
     pause_until: int = 0
     factor_ppm: int = PPM
     factor_at: int = 0  # when a quota 429 last taught; 0: never
+    ceiling_ppm: int = 0  # the factor that met the last quota 429 while climbing; 0: none
     day_counts: dict[int, int] = field(default_factory=dict)
 
 
@@ -156,14 +182,39 @@ def ceil_div(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+def _gain(elapsed: int, rate_ppm: int, window_us: int) -> int:
+    """``elapsed * rate_ppm // window_us``, with every product exact below 2**53."""
+    return elapsed // window_us * rate_ppm + elapsed % window_us * rate_ppm // window_us
+
+
 def effective_factor(state: ModelState, now: int, window_us: int) -> int:
-    """The budget factor (ppm): cut by quota 429s, climbing back additively when quiet."""
+    """The budget factor (ppm): cut by quota 429s, climbing back additively when quiet.
+
+    Fast up to the knee (90 % of the ceiling), slowly from the knee to the ceiling, fast
+    again above it; without a ceiling, fast all the way to 100 %.
+    """
     if state.factor_at == 0:
         return PPM
     elapsed = max(0, now - state.factor_at)
-    if elapsed >= 10 * window_us:
+    if elapsed >= RECOVERY_WINDOWS * window_us:
         return PPM
-    return min(PPM, state.factor_ppm + elapsed * RECOVERY_PPM_PER_WINDOW // window_us)
+    factor = state.factor_ppm
+    fast = _gain(elapsed, RECOVERY_PPM_PER_WINDOW, window_us)
+    ceiling = state.ceiling_ppm
+    if ceiling > factor:
+        knee = max(factor, ceiling * KNEE_PPM // PPM)
+        if factor + fast <= knee:
+            return factor + fast
+        # Past the knee (``beyond``: the time since, in the fast climb's units), the
+        # climb to the ceiling takes SLOW_WINDOWS windows.
+        beyond = fast - (knee - factor)
+        slow_span = SLOW_WINDOWS * RECOVERY_PPM_PER_WINDOW
+        if beyond <= slow_span:
+            return knee + beyond * (ceiling - knee) // slow_span
+        # Past the ceiling without a 429: the quota was raised, climb fast again.
+        factor = ceiling
+        fast = beyond - slow_span
+    return min(PPM, factor + fast)
 
 
 def effective_limits(limits: Limits, factor: int) -> tuple[int, int]:
@@ -336,13 +387,33 @@ def report(state: ModelState, limits: Limits, now: int, retry_after_us: int, tea
     # One cut per quarter window: a burst of 429s answers one overload, not several.
     if teach and (state.factor_at == 0 or now - state.factor_at >= w // 4):
         factor = effective_factor(state, now, w)
-        state.factor_ppm = max(FACTOR_FLOOR_PPM, factor * FACTOR_CUT_PPM // PPM)
+        # The level that failed: the factor, or what the window held if less.
+        booked, _ = booked_ahead(state, now)
+        used = max(
+            (state.requests - booked[0]) * PPM // limits.rpm,
+            (state.tokens - booked[1]) * PPM // limits.tpm,
+        )
+        # A fleet below its factor failed at what it sent: cut from there (at most 30 %
+        # more than from the factor, for a window that held little).
+        base = min(factor, max(used, factor * FACTOR_CUT_PPM // PPM))
+        cut = max(FACTOR_FLOOR_PPM, base * FACTOR_CUT_PPM // PPM)
+        # Met while climbing back: remember that level, but with the knee never below
+        # the cut (at worst the climb is slow from the start). Met at the full budget:
+        # no ceiling, the next climb goes straight back (a passing overload).
+        lowest = cut * PPM // KNEE_PPM
+        state.ceiling_ppm = max(lowest, min(factor, used)) if factor < PPM else 0
+        state.factor_ppm = cut
         state.factor_at = now
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    """The raw figures of one model at ``now`` (the limiter turns them into ``Usage``)."""
+    """The raw figures of one model at ``now`` (the limiter turns them into ``Usage``).
+
+    ``requests``, ``tokens`` and ``lanes`` count the window ``(now - W, now]``: the calls
+    already let through (and the phantom occupancy after a lost state). Slots booked
+    ahead of ``now`` are counted apart, in ``booked_requests`` and ``booked_tokens``.
+    """
 
     now: int
     requests: int
@@ -351,21 +422,44 @@ class Snapshot:
     pause_until: int
     requests_today: int
     lanes: dict[str, tuple[int, int]]
+    booked_requests: int = 0
+    booked_tokens: int = 0
+
+
+def booked_ahead(state: ModelState, now: int) -> tuple[list[int], dict[str, list[int]]]:
+    """Requests and tokens booked after ``now``, in all and by lane."""
+    booked = [0, 0]
+    lane_booked: dict[str, list[int]] = {}
+    # Bookings ahead of now sit at the tail of the log (one horizon of it at most).
+    for at, grant_id in reversed(state.log):
+        if at <= now:
+            break
+        entry = state.grants[grant_id]
+        booked[0] += entry.requests
+        booked[1] += entry.tokens
+        if entry.lane:
+            ahead = lane_booked.setdefault(entry.lane, [0, 0])
+            ahead[0] += entry.requests
+            ahead[1] += entry.tokens
+    return booked, lane_booked
 
 
 def snapshot(state: ModelState, limits: Limits, now: int) -> Snapshot:
     if state.initialised:
         expire(state, now, limits.window_us)
-    lanes = {
-        lane: (requests, state.lane_tokens.get(lane, 0))
-        for lane, requests in sorted(state.lane_requests.items())
-    }
+    booked, lane_booked = booked_ahead(state, now)
+    lanes = {}
+    for lane, requests in sorted(state.lane_requests.items()):
+        ahead = lane_booked.get(lane, [0, 0])
+        lanes[lane] = (requests - ahead[0], state.lane_tokens.get(lane, 0) - ahead[1])
     return Snapshot(
         now,
-        state.requests,
-        state.tokens,
+        state.requests - booked[0],
+        state.tokens - booked[1],
         effective_factor(state, now, limits.window_us),
         state.pause_until,
         state.day_counts.get(now // DAY_US, 0),
         lanes,
+        booked[0],
+        booked[1],
     )

@@ -42,9 +42,10 @@ class LaneUsage:
 class Usage:
     """A snapshot of one model's budget, for monitoring.
 
-    ``requests`` and ``tokens`` count every reservation in the rolling window, including
-    slots booked a moment ahead and, right after a state loss, the phantom occupancy
-    that stands for the forgotten window.
+    ``requests`` and ``tokens`` count the rolling window ending now, ``(now - W, now]``:
+    the calls already let through and, right after a state loss, the phantom occupancy
+    that stands for the forgotten window (the lanes likewise). Slots booked a moment
+    ahead are not in the window yet: ``booked_requests`` and ``booked_tokens`` count them.
     """
 
     model: str
@@ -60,6 +61,8 @@ class Usage:
     requests_today: int = 0
     rpd: int | None = None
     degraded: bool = False  # True while Redis is unreachable and the process admits alone
+    booked_requests: int = 0  # slots booked ahead of now, not in the window yet
+    booked_tokens: int = 0
 
 
 class Grant:

@@ -4,7 +4,8 @@ Per (model, lane) the waiters of a process queue in FIFO order and only the head
 to the store: it takes a semaphore slot, books the next slot (one script call), sleeps
 until that slot and hands headship on. Redis load therefore grows with admissions, not
 with waiters. While Redis is unreachable the process admits from memory against its
-share of the budget (budget / live workers last seen) and returns to Redis by itself.
+share of the budget (budget / the most live workers read in the 30 s before Redis went
+away; the count is read every second) and returns to Redis by itself.
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ from runtime.limiter.budget import Budget, Limits
 from runtime.limiter.errors import DailyQuotaExhausted, RequestTooLarge, StoreUnavailable
 from runtime.limiter.grant import Grant, LaneUsage, LimiterStats, Usage, release_quietly
 from runtime.limiter.memory import MemoryRateStore
-from runtime.limiter.registry import HEARTBEAT_S, WorkerRegistry, live_count
+from runtime.limiter.registry import (
+    HEARTBEAT_S,
+    LIVE_REFRESH_S,
+    LiveCounts,
+    WorkerRegistry,
+    live_count,
+)
 from runtime.limiter.store import RateStore
 
 log = structlog.get_logger()
@@ -59,6 +66,7 @@ class Limiter:
         worker_id: str | None = None,
         worker_type: str = "worker",
         heartbeat_s: float = HEARTBEAT_S,
+        live_refresh_s: float = LIVE_REFRESH_S,
         fallback: MemoryRateStore | None = None,
     ) -> None:
         shares = dict(lane_shares or {})
@@ -80,9 +88,10 @@ class Limiter:
         self._fallback = fallback or MemoryRateStore()
         self._registry = registry
         self._heartbeat_s = heartbeat_s
+        self._live_refresh_s = live_refresh_s
         self._semaphore = asyncio.Semaphore(max_inflight)
         self._queues: dict[tuple[str, str], asyncio.Lock] = {}
-        self._live = 1
+        self._live = LiveCounts()
         self._degraded = store is None
         self._tasks: set[asyncio.Task[None]] = set()
         self._probe: asyncio.Task[None] | None = None
@@ -92,7 +101,7 @@ class Limiter:
     # -- life cycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Check the store, register the worker and start heartbeating."""
+        """Check the store, register the worker, start heartbeating and counting the fleet."""
         if self._primary is not None:
             try:
                 await self._primary.ping()
@@ -101,6 +110,7 @@ class Limiter:
         if self._registry is not None:
             await self._beat()
             self._spawn_task(self._heartbeat())
+            self._spawn_task(self._watch_live())
 
     async def aclose(self) -> None:
         for task in list(self._tasks):
@@ -145,7 +155,13 @@ class Limiter:
 
     @property
     def live_workers_seen(self) -> int:
-        return self._live
+        """The live workers of the latest reading of the registry."""
+        return self._live.latest
+
+    @property
+    def fallback_parts(self) -> int:
+        """What the budget is divided by while Redis is unreachable (see ``LiveCounts``)."""
+        return self._live.largest
 
     def _spawn_task(self, coroutine: Awaitable[None]) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.ensure_future(coroutine)
@@ -162,14 +178,29 @@ class Limiter:
         try:
             if self.worker_id is not None:
                 await self._registry.register(self.worker_id, self.worker_types)
-            self._live = max(1, live_count(await self._registry.live_workers()))
         except StoreUnavailable:
-            pass  # keep the last count seen: the fallback divides by it
+            return
+        await self._count_live()
+
+    async def _count_live(self) -> None:
+        assert self._registry is not None
+        try:
+            count = live_count(await self._registry.live_workers())
+        except StoreUnavailable:
+            return  # keep the counts seen: the fallback divides by them
+        self._live.add(asyncio.get_running_loop().time(), count)
 
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self._heartbeat_s)
             await self._beat()
+
+    async def _watch_live(self) -> None:
+        """Read the live count often: a fleet that just started grows within seconds."""
+        while True:
+            await asyncio.sleep(self._live_refresh_s)
+            if not self.degraded:
+                await self._count_live()
 
     # -- routing and fallback ---------------------------------------------------------
 
@@ -185,7 +216,7 @@ class Limiter:
             log.warning(
                 "limiter.redis_unreachable",
                 error=str(exc),
-                share_of_budget=f"1/{self._live}",
+                share_of_budget=f"1/{self._live.largest}",
             )
         if self._probe is None or self._probe.done():
             self._probe = self._spawn_task(self._probe_until_back())
@@ -211,7 +242,7 @@ class Limiter:
                 return self._primary, limits, await op(self._primary, limits)
             except StoreUnavailable as exc:
                 self._enter_fallback(exc)
-        local = limits.divided(self._live) if self._primary is not None else limits
+        local = limits.divided(self._live.largest) if self._primary is not None else limits
         return self._fallback, local, await op(self._fallback, local)
 
     # -- admissions -------------------------------------------------------------------
@@ -314,7 +345,10 @@ class Limiter:
         )
 
     async def usage(self, *, model: str) -> Usage:
-        """Requests and tokens of ``model``'s budget in the current rolling window."""
+        """Requests and tokens of ``model``'s budget in the rolling window ending now.
+
+        Slots already booked for a moment later are reported apart (``booked_*``).
+        """
         key, limits = self._route(model)
         _, used, snap = await self._decide(key, limits, lambda s, lim: s.snapshot(key, lim))
         rpm, tpm = budget.effective_limits(used, snap.factor_ppm)
@@ -335,6 +369,8 @@ class Limiter:
             requests_today=snap.requests_today,
             rpd=self.rpd,
             degraded=self.degraded,
+            booked_requests=snap.booked_requests,
+            booked_tokens=snap.booked_tokens,
         )
 
 
@@ -374,13 +410,15 @@ async def create_limiter(
     worker_id: str | None = None,
     worker_type: str = "worker",
     heartbeat_s: float = HEARTBEAT_S,
+    live_refresh_s: float = LIVE_REFRESH_S,
     timeout_s: float = 2.0,
 ) -> Limiter:
     """A started limiter: fleet-wide on ``redis_url``, or in this process only when None.
 
     ``model_budgets`` gives some models a budget of their own; every other model shares
     ``budget``. ``rpd`` is a requests-per-day budget per model. With ``worker_id`` the
-    process registers in the worker registry (heartbeat every ``heartbeat_s``). Redis
+    process registers in the worker registry (heartbeat every ``heartbeat_s``); the live
+    count is read every ``live_refresh_s`` either way. Redis
     need not be reachable at start: the limiter admits locally until it answers.
     """
     from runtime.limiter.redis import RedisRateStore, connect
@@ -406,6 +444,7 @@ async def create_limiter(
         worker_id=worker_id,
         worker_type=worker_type,
         heartbeat_s=heartbeat_s,
+        live_refresh_s=live_refresh_s,
     )
     await limiter.start()
     return limiter

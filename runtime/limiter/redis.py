@@ -138,14 +138,25 @@ class RedisRateStore:
 
     async def snapshot(self, model: str, limits: Limits) -> Snapshot:
         out = await self.call(model, limits, "snapshot", [])
-        now, requests, tokens, factor, pause, today = (int(str(x)) for x in out[:6])
+        head = [int(str(x)) for x in out[:8]]
+        now, requests, tokens, factor, pause, today, booked_requests, booked_tokens = head
         lanes: dict[str, tuple[int, int]] = {}
-        rest = out[6:]
+        rest = out[8:]
         for i in range(0, len(rest), 3):
             name = rest[i]
             lane = name.decode() if isinstance(name, bytes) else str(name)
             lanes[lane] = (int(str(rest[i + 1])), int(str(rest[i + 2])))
-        return Snapshot(now, requests, tokens, factor, pause, today, dict(sorted(lanes.items())))
+        return Snapshot(
+            now,
+            requests,
+            tokens,
+            factor,
+            pause,
+            today,
+            dict(sorted(lanes.items())),
+            booked_requests,
+            booked_tokens,
+        )
 
     async def _drop_connections(self) -> None:
         # After a crash every pooled connection is dead: start afresh when Redis is back.

@@ -1,12 +1,15 @@
 """Which workers are alive, by type: heartbeats every 10 s, dead after 30 s of silence.
 
-The limiter divides the budget by the live count while Redis is unreachable, and the
-monitor shows the fleet. Heartbeat times are Redis ``TIME``, so worker clocks never matter.
+The limiter reads the live count every second (a cheap read, apart from the heartbeat)
+and, while Redis is unreachable, divides the budget by the largest count it read in the
+30 s before it lost Redis. The monitor shows the fleet. Heartbeat times are Redis
+``TIME``, so worker clocks never matter.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -17,6 +20,7 @@ from runtime.limiter.redis import UNREACHABLE
 
 HEARTBEAT_S = 10.0
 DEAD_AFTER_S = 30.0
+LIVE_REFRESH_S = 1.0  # how often the limiter reads the live count
 
 
 class WorkerRegistry(Protocol):
@@ -45,6 +49,33 @@ def _types(worker_type: str | Sequence[str]) -> str:
 
 def live_count(workers: dict[str, list[str]]) -> int:
     return len({worker_id for ids in workers.values() for worker_id in ids})
+
+
+class LiveCounts:
+    """The live counts read over the last ``memory_s`` seconds before the latest reading.
+
+    A worker seen within that span may still be alive (it is declared dead only after
+    ``DEAD_AFTER_S`` of silence), so the fallback divides by the largest of them rather
+    than by the latest one. While the registry cannot be read nothing is added and
+    nothing is forgotten: the divisor stays what it was when Redis went away.
+    """
+
+    def __init__(self, memory_s: float = DEAD_AFTER_S) -> None:
+        self._memory_s = memory_s
+        self._readings: deque[tuple[float, int]] = deque()
+
+    def add(self, now: float, count: int) -> None:
+        self._readings.append((now, max(1, count)))
+        while self._readings[0][0] < now - self._memory_s:
+            self._readings.popleft()
+
+    @property
+    def latest(self) -> int:
+        return self._readings[-1][1] if self._readings else 1
+
+    @property
+    def largest(self) -> int:
+        return max((count for _, count in self._readings), default=1)
 
 
 class MemoryWorkerRegistry:

@@ -180,11 +180,6 @@ async def test_postgres_restart_nothing_lost_nothing_twice(
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.xfail(
-    strict=True,
-    reason="after a quota 429 the learned budget climbs back 10 % per quiet window past the "
-    "lowered quota, so the fleet meets a 429 every few windows (about 4 % of calls)",
-)
 async def test_quota_cut_by_half_the_fleet_adapts_within_two_windows(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:

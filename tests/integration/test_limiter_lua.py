@@ -54,7 +54,7 @@ class Twin:
     async def compare_snapshots(self, now: int) -> None:
         core = budget.snapshot(self.state, self.lim, now)
         out = await self.store.call("m", self.lim, "snapshot", [], now=now)
-        head = [int(str(x)) for x in out[:6]]
+        head = [int(str(x)) for x in out[:8]]
         assert head == [
             core.now,
             core.requests,
@@ -62,8 +62,10 @@ class Twin:
             core.factor_ppm,
             core.pause_until,
             core.requests_today,
+            core.booked_requests,
+            core.booked_tokens,
         ]
-        rest = out[6:]
+        rest = out[8:]
         lanes = {
             bytes(rest[i]).decode(): (int(str(rest[i + 1])), int(str(rest[i + 2])))  # type: ignore[call-overload]
             for i in range(0, len(rest), 3)
@@ -96,6 +98,47 @@ async def test_scripted_scenario_books_identically(store: RedisRateStore) -> Non
     await twin.admit(now + 50_000, "after-pause", 10, "x")
     await twin.compare_snapshots(now + 60_000)
     await twin.compare_snapshots(now + 3 * W)
+
+
+async def test_bookings_ahead_are_reported_apart_alike(store: RedisRateStore) -> None:
+    twin = Twin(store, limits(shares={"index": 0.3, "acte": 0.6}))
+    now = T0
+    await twin.admit(now, "seed", 1, "")
+    now += 3 * W  # the phantom and the seed are gone
+    for n in range(6):
+        await twin.admit(now, f"g{n}", 50 + n, ["index", "acte", ""][n % 3])
+    core = budget.snapshot(twin.state, twin.lim, now)
+    assert core.booked_requests >= 3  # the lane reserves may hold one back
+    assert core.requests == 1
+    assert core.lanes["acte"] == (0, 0)  # booked ahead: not in the window yet
+    for offset in (0, 1, W // 12, W // 5, W // 2, W):
+        await twin.compare_snapshots(now + offset)
+
+
+@pytest.mark.parametrize("window_s", [1.0, 86_400.0])
+async def test_the_learned_factor_and_its_ceiling_agree(
+    store: RedisRateStore, window_s: float
+) -> None:
+    lim = Limits.of(Budget(rpm=12, tpm=1_000, window_s=window_s))
+    w = lim.window_us
+    twin = Twin(store, lim)
+    now = T0
+    # A cut at the full budget, a second one while climbing (a ceiling), then the climb:
+    # fast to the knee, slow to the ceiling, fast again; then a 429 on the slow stretch.
+    n = 0
+    ceilings: list[int] = []
+    for gap in (0, w // 3, 3 * w, 2 * w, 4 * w, 5 * w, 2 * w, 7 * w, 30 * w):
+        # Traffic before each 429: the ceiling is the factor or what the window held.
+        for k in range(gap // (w // 10)):
+            await twin.admit(now + k * (w // 10), f"t{n}", 40, "")
+            n += 1
+        now += gap
+        await twin.report(now, 0, True)
+        ceilings.append(twin.state.ceiling_ppm)
+        for k in range(0, 24 * 4):
+            await twin.compare_snapshots(now + k * w // 4 + k)
+    assert ceilings[-1] == 0  # the last 429 came after a full recovery
+    assert len({c for c in ceilings if c > 0}) >= 3
 
 
 async def test_oversized_and_daily_budget_agree(store: RedisRateStore) -> None:

@@ -26,6 +26,7 @@ end
 
 local PPM, DAY_US = 1000000, 86400000000
 local FACTOR_FLOOR_PPM, FACTOR_CUT_PPM, RECOVERY_PPM_PER_WINDOW = 100000, 700000, 100000
+local KNEE_PPM, SLOW_WINDOWS, RECOVERY_WINDOWS = 900000, 10, 25
 local PHANTOM_ENTRIES, WALK_LIMIT = 100, 128
 local ADMIT, WAIT, TOO_LARGE, DAY_EXHAUSTED = 0, 1, 2, 3
 
@@ -66,12 +67,30 @@ local function subtract(requests, tokens, lane)
   end
 end
 
+-- elapsed * rate // W, with every product exact below 2**53.
+local function gain(elapsed, rate)
+  local q = floor_div(elapsed, W)
+  return q * rate + floor_div((elapsed - q * W) * rate, W)
+end
+
 local function effective_factor()
   local fa = get('fa')
   if fa == 0 then return PPM end
   local elapsed = math.max(0, now - fa)
-  if elapsed >= 10 * W then return PPM end
-  return math.min(PPM, get('fp') + floor_div(elapsed * RECOVERY_PPM_PER_WINDOW, W))
+  if elapsed >= RECOVERY_WINDOWS * W then return PPM end
+  local factor = get('fp')
+  local fast = gain(elapsed, RECOVERY_PPM_PER_WINDOW)
+  local ceiling = get('fc')
+  if ceiling > factor then
+    local knee = math.max(factor, floor_div(ceiling * KNEE_PPM, PPM))
+    if factor + fast <= knee then return factor + fast end
+    local beyond = fast - (knee - factor)
+    local slow_span = SLOW_WINDOWS * RECOVERY_PPM_PER_WINDOW
+    if beyond <= slow_span then return knee + floor_div(beyond * (ceiling - knee), slow_span) end
+    factor = ceiling
+    fast = beyond - slow_span
+  end
+  return math.min(PPM, factor + fast)
 end
 
 local function effective_limits(factor)
@@ -227,13 +246,44 @@ local function release(id)
   return {1, now}
 end
 
+-- Requests and tokens booked after now, in all and by lane.
+local function booked_ahead()
+  local booked_r, booked_t, lane_booked = 0, 0, {}
+  local offset = 0
+  while true do
+    local ids = redis.call('ZRANGEBYSCORE', L, '(' .. fmt(now), '+inf', 'LIMIT', offset, 500)
+    if #ids == 0 then break end
+    local values = redis.call('HMGET', G, unpack(ids))
+    for _, v in ipairs(values) do
+      if v then
+        local r, t, l = parse(v)
+        booked_r = booked_r + r
+        booked_t = booked_t + t
+        if l ~= '' then
+          local ahead = lane_booked[l] or {0, 0}
+          lane_booked[l] = {ahead[1] + r, ahead[2] + t}
+        end
+      end
+    end
+    offset = offset + #ids
+  end
+  return booked_r, booked_t, lane_booked
+end
+
 local function report(retry_after_us, teach)
   if get('init') == 0 then seed() end
   expire()
   put('pu', math.max(get('pu'), now + retry_after_us))
   if teach and (get('fa') == 0 or now - get('fa') >= floor_div(W, 4)) then
     local factor = effective_factor()
-    put('fp', math.max(FACTOR_FLOOR_PPM, floor_div(factor * FACTOR_CUT_PPM, PPM)))
+    local booked_r, booked_t = booked_ahead()
+    local used = math.max(floor_div((get('rq') - booked_r) * PPM, RPM),
+      floor_div((get('tk') - booked_t) * PPM, TPM))
+    local base = math.min(factor, math.max(used, floor_div(factor * FACTOR_CUT_PPM, PPM)))
+    local cut = math.max(FACTOR_FLOOR_PPM, floor_div(base * FACTOR_CUT_PPM, PPM))
+    local lowest = floor_div(cut * PPM, KNEE_PPM)
+    if factor < PPM then put('fc', math.max(lowest, math.min(factor, used))) else put('fc', 0) end
+    put('fp', cut)
     put('fa', now)
   end
   return {0, now}
@@ -242,13 +292,17 @@ end
 local function snapshot()
   if get('init') ~= 0 then expire() end
   local today = tonumber(redis.call('HGET', D, fmt(floor_div(now, DAY_US))) or 0)
-  local out = {now, get('rq'), get('tk'), effective_factor(), get('pu'), today}
+  -- Bookings ahead of now count apart from the window (now - W, now].
+  local booked_r, booked_t, lane_booked = booked_ahead()
+  local out = {now, get('rq') - booked_r, get('tk') - booked_t, effective_factor(), get('pu'),
+    today, booked_r, booked_t}
   for k, v in pairs(st) do
     local lane = string.match(k, '^lr:(.*)$')
     if lane then
+      local ahead = lane_booked[lane] or {0, 0}
       table.insert(out, lane)
-      table.insert(out, tonumber(v))
-      table.insert(out, get('lt:' .. lane))
+      table.insert(out, tonumber(v) - ahead[1])
+      table.insert(out, get('lt:' .. lane) - ahead[2])
     end
   end
   return out
