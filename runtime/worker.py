@@ -103,14 +103,7 @@ class JobRunner:
                 self.metrics.jobs_in_flight.labels(job.document_source).dec()
             profile = result.profile
             self.metrics.job_finished(job.document_source, "done", profile.duration_s)
-            await self.profiles.record(
-                job.document_source,
-                calls=profile.calls,
-                input_tokens=profile.input_tokens,
-                output_tokens=profile.output_tokens,
-                duration_s=profile.duration_s,
-                pages=profile.pages,
-            )
+            await self.profiles.record(profile)
             log.info(
                 "job done",
                 pages=profile.pages,

@@ -13,6 +13,8 @@ from typing import Protocol
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from runtime.pipelines.common import Profile
+
 _FIELDS = ("jobs", "calls", "input_tokens", "output_tokens", "duration_s", "pages")
 
 
@@ -40,16 +42,7 @@ SEED_PROFILES: Mapping[str, TypeProfile] = {
 
 
 class ProfileStore(Protocol):
-    async def record(
-        self,
-        document_source: str,
-        *,
-        calls: int,
-        input_tokens: int,
-        output_tokens: int,
-        duration_s: float,
-        pages: int,
-    ) -> None: ...
+    async def record(self, profile: Profile) -> None: ...
 
     async def sums(self) -> dict[str, dict[str, float]]: ...
 
@@ -75,24 +68,25 @@ def averages(
     return profiles
 
 
+def _sample(profile: Profile) -> tuple[float, ...]:
+    """One job's contribution to the running sums, in the order of ``_FIELDS``."""
+    return (
+        1,
+        profile.calls,
+        profile.input_tokens,
+        profile.output_tokens,
+        profile.duration_s,
+        profile.pages,
+    )
+
+
 class MemoryProfiles:
     def __init__(self) -> None:
         self._sums: dict[str, dict[str, float]] = {}
 
-    async def record(
-        self,
-        document_source: str,
-        *,
-        calls: int,
-        input_tokens: int,
-        output_tokens: int,
-        duration_s: float,
-        pages: int,
-    ) -> None:
-        total = self._sums.setdefault(document_source, dict.fromkeys(_FIELDS, 0.0))
-        for name, value in zip(
-            _FIELDS, (1, calls, input_tokens, output_tokens, duration_s, pages), strict=True
-        ):
+    async def record(self, profile: Profile) -> None:
+        total = self._sums.setdefault(profile.document_source, dict.fromkeys(_FIELDS, 0.0))
+        for name, value in zip(_FIELDS, _sample(profile), strict=True):
             total[name] += value
 
     async def sums(self) -> dict[str, dict[str, float]]:
@@ -108,21 +102,11 @@ class RedisProfiles:
         self._client = client
         self._prefix = f"{namespace}:profiles:"
 
-    async def record(
-        self,
-        document_source: str,
-        *,
-        calls: int,
-        input_tokens: int,
-        output_tokens: int,
-        duration_s: float,
-        pages: int,
-    ) -> None:
-        key = self._prefix + document_source
-        values = (1, calls, input_tokens, output_tokens, duration_s, pages)
+    async def record(self, profile: Profile) -> None:
+        key = self._prefix + profile.document_source
         try:
             async with self._client.pipeline(transaction=True) as pipe:
-                for name, value in zip(_FIELDS, values, strict=True):
+                for name, value in zip(_FIELDS, _sample(profile), strict=True):
                     pipe.hincrbyfloat(key, name, float(value))
                 pipe.expire(key, self._TTL_S)
                 await pipe.execute()

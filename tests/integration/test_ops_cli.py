@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from conftest import CommandRunner
 
 from runtime.ops.profiles import RedisProfiles
+from runtime.pipelines.common import Profile
 
 SEED_ENV = {"GEMINI_TPM_COUNTS": "total", "WORKER_CONCURRENCY": "1", "GEMINI_SAFETY_FACTOR": "0.8"}
 
@@ -30,8 +31,9 @@ async def test_capacity_follows_the_profiles_the_fleet_measured(
         profiles = RedisProfiles(client, "gemini")
         for _ in range(10):  # actes twice as slow as the design note says
             await profiles.record(
-                "acte", calls=3, input_tokens=30_000, output_tokens=71_000, duration_s=50, pages=4
-            )
+                Profile("acte", pages=4, calls=3, retries=0, rate_limited=0, input_tokens=30_000,
+                        output_tokens=71_000, limiter_wait_s=0.0, duration_s=50)
+            )  # fmt: skip
     finally:
         await client.aclose()
     result = run_cli("capacity", REDIS_URL=redis_url, **SEED_ENV)

@@ -16,6 +16,15 @@ from runtime.ops.capacity import (
     worker_load,
 )
 from runtime.ops.profiles import SEED_PROFILES, MemoryProfiles, TypeProfile, averages
+from runtime.pipelines.common import Profile
+
+
+def job_profile(*, input_tokens: int, output_tokens: int) -> Profile:
+    """An acte twice as heavy and twice as slow as the design note says."""
+    return Profile("acte", pages=8, calls=3, retries=0, rate_limited=0,
+                   input_tokens=input_tokens, output_tokens=output_tokens,
+                   limiter_wait_s=0.0, duration_s=50)  # fmt: skip
+
 
 SEED_QUOTA = Quota(rpm=2000, tpm=8_000_000, safety_factor=0.8)
 
@@ -46,9 +55,7 @@ def test_one_worker_of_each_type_matches_the_note() -> None:
 async def test_measured_profiles_change_the_table() -> None:
     store = MemoryProfiles()
     for _ in range(10):  # actes twice as heavy and twice as slow as the note says
-        await store.record(
-            "acte", calls=3, input_tokens=60_000, output_tokens=142_000, duration_s=50, pages=8
-        )
+        await store.record(job_profile(input_tokens=60_000, output_tokens=142_000))
     measured = averages(await store.sums())
     assert measured["acte"].jobs == 10
     assert measured["index"] == SEED_PROFILES["index"]
