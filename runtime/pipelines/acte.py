@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 
 from google.genai import types
 
@@ -22,7 +21,7 @@ from runtime.pipelines.common import (
     open_pdf,
     prompt,
 )
-from runtime.pipelines.gemini import Call, CallLog, Completion, GeminiClient, current_call_log
+from runtime.pipelines.gemini import Call, Completion, GeminiClient, recording_calls
 
 LANE = "acte"
 
@@ -76,10 +75,7 @@ async def run_acte(
     row: Document, pdf: bytes, client: GeminiClient, config: PipelineConfig
 ) -> PipelineResult:
     """OCR one acte."""
-    started = time.monotonic()
-    calls = CallLog()
-    token = current_call_log.set(calls)
-    try:
+    with recording_calls() as calls:
         pages = len(open_pdf(pdf).pages)
         name = (row.supabase_path or row.document_number or "acte").rsplit("/", 1)[-1]
         uploaded = await _upload(client, pdf, name[:120])
@@ -102,12 +98,10 @@ async def run_acte(
             # Shielded: a cancelled job must still not leave its PDF on Google's side.
             await asyncio.shield(client.delete_file(uploaded))
         boosted = await _boost(client, config, raw.text)
-    finally:
-        current_call_log.reset(token)
     return PipelineResult(
         file_content=raw.text,
         boosted_file_content=boosted,
-        profile=Profile.of(row.document_source, pages, calls, time.monotonic() - started),
+        profile=Profile.of(row.document_source, pages, calls),
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -71,7 +72,8 @@ class Profile:
     duration_s: float
 
     @classmethod
-    def of(cls, source: str, pages: int, calls: CallLog, duration_s: float) -> Profile:
+    def of(cls, source: str, pages: int, calls: CallLog) -> Profile:
+        """The profile of a job whose calls were recorded in ``calls``, ending now."""
         return cls(
             document_source=source,
             pages=pages,
@@ -81,7 +83,7 @@ class Profile:
             input_tokens=calls.input_tokens,
             output_tokens=calls.output_tokens,
             limiter_wait_s=round(calls.limiter_wait_s, 3),
-            duration_s=round(duration_s, 3),
+            duration_s=round(time.monotonic() - calls.started, 3),
         )
 
 

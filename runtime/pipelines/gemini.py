@@ -19,7 +19,8 @@ import io
 import random
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -114,9 +115,21 @@ class CallLog:
     output_tokens: int = 0
     limiter_wait_s: float = 0.0
     models: set[str] = field(default_factory=set)
+    started: float = field(default_factory=time.monotonic)
 
 
 current_call_log: ContextVar[CallLog | None] = ContextVar("current_call_log", default=None)
+
+
+@contextmanager
+def recording_calls() -> Iterator[CallLog]:
+    """Every model call made inside the block (in this task and its children) is counted."""
+    calls = CallLog()
+    token = current_call_log.set(calls)
+    try:
+        yield calls
+    finally:
+        current_call_log.reset(token)
 
 
 def _retry_info(exc: genai_errors.APIError) -> tuple[float | None, str | None]:

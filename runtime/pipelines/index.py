@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -32,12 +31,11 @@ from runtime.pipelines.common import (
 )
 from runtime.pipelines.gemini import (
     Call,
-    CallLog,
     GeminiBlocked,
     GeminiClient,
     GeminiRejected,
     GeminiUnavailable,
-    current_call_log,
+    recording_calls,
 )
 from runtime.pipelines.parsing import (
     LineCount,
@@ -189,10 +187,7 @@ async def run_index(
     row: Document, pdf: bytes, client: GeminiClient, config: PipelineConfig
 ) -> PipelineResult:
     """OCR one index document."""
-    started = time.monotonic()
-    calls = CallLog()
-    token = current_call_log.set(calls)
-    try:
+    with recording_calls() as calls:
         reader = open_pdf(pdf, max_pages=config.index_max_pages)
         pages = split_pages(reader)
         slots = asyncio.Semaphore(config.pages_in_flight)
@@ -201,13 +196,12 @@ async def run_index(
             async with slots:
                 return await _read_page(client, config, number, page)
 
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(bounded(n, p)) for n, p in enumerate(pages, start=1)]
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(bounded(n, p)) for n, p in enumerate(pages, start=1)]
+        except ExceptionGroup as failures:
+            raise decisive(failures) from None
         results = [task.result() for task in tasks]
-    except ExceptionGroup as failures:
-        raise decisive(failures) from None
-    finally:
-        current_call_log.reset(token)
 
     document = {
         "document_source": row.document_source,
@@ -232,5 +226,5 @@ async def run_index(
     return PipelineResult(
         file_content=json.dumps(document, ensure_ascii=False),
         boosted_file_content=render_text(document),
-        profile=Profile.of(row.document_source, len(results), calls, time.monotonic() - started),
+        profile=Profile.of(row.document_source, len(results), calls),
     )

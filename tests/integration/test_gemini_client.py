@@ -17,13 +17,12 @@ from runtime.pipelines.common import open_pdf
 from runtime.pipelines.estimates import MemoryEstimates, RedisEstimates, seed
 from runtime.pipelines.gemini import (
     Call,
-    CallLog,
     GeminiBlocked,
     GeminiClient,
     GeminiRejected,
     GeminiUnavailable,
     RetryPolicy,
-    current_call_log,
+    recording_calls,
 )
 from runtime.pipelines.index import split_pages
 
@@ -94,12 +93,8 @@ def page_call(pdf: bytes, kind: str = "line_count") -> Call:
 async def test_generate_with_an_inline_page_settles_the_real_usage() -> None:
     pdf, _rows = make_index_pdf(pages=1, rows_per_page=4, seed=3)
     async with wired(EmulatorConfig(seed=1)) as (_emulator, limiter, client):
-        calls = CallLog()
-        token = current_call_log.set(calls)
-        try:
+        with recording_calls() as calls:
             completion = await client.generate(page_call(pdf))
-        finally:
-            current_call_log.reset(token)
         usage = await limiter.usage(model=MODEL)
     assert '"nombre_lignes": 4' in completion.text
     assert completion.input_tokens is not None
@@ -160,12 +155,8 @@ async def test_transient_faults_are_retried_until_success(kind: str) -> None:
     pdf, _ = make_index_pdf(pages=1, rows_per_page=3, seed=3)
     config = EmulatorConfig(faults=(FaultRule(kind, count=2),))
     async with wired(config) as (emulator, _limiter, client):
-        calls = CallLog()
-        token = current_call_log.set(calls)
-        try:
+        with recording_calls() as calls:
             completion = await client.generate(page_call(pdf))
-        finally:
-            current_call_log.reset(token)
     assert '"nombre_lignes": 3' in completion.text
     assert calls.retries == 2
     assert emulator.stats()["models"][MODEL]["requests"] == 3
