@@ -56,6 +56,19 @@ class Progress:
         return sum(self.done.values()) + sum(self.failed.values())
 
 
+async def enqueue(dsn: str, rows: list[tuple[str, str, str]]) -> None:
+    """Insert rows ready for OCR (source, number, storage path), as the extractor does."""
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.executemany(
+            "INSERT INTO extraction_queue (document_source, document_number, supabase_path,"
+            " circonscription_fonciere, status_id) VALUES ($1, $2, $3, 'Montréal', 3)",
+            rows,
+        )
+    finally:
+        await connection.close()
+
+
 async def _enqueue(dsn: str, documents: Path, args: argparse.Namespace) -> int:
     rows: list[tuple[str, str, str]] = []
     for number in range(args.index):
@@ -69,15 +82,7 @@ async def _enqueue(dsn: str, documents: Path, args: argparse.Namespace) -> int:
         name = f"{25_000_000 + number}-Quebec-{number:04d}.pdf"
         (documents / "actes" / name).write_bytes(pdf)
         rows.append(("acte", f"{25_000_000 + number}", name))
-    connection = await asyncpg.connect(dsn)
-    try:
-        await connection.executemany(
-            "INSERT INTO extraction_queue (document_source, document_number, supabase_path,"
-            " circonscription_fonciere, status_id) VALUES ($1, $2, $3, 'Montréal', 3)",
-            rows,
-        )
-    finally:
-        await connection.close()
+    await enqueue(dsn, rows)
     return len(rows)
 
 

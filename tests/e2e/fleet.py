@@ -41,6 +41,7 @@ from runtime.emulator import (
     make_index_pdf,
 )
 from runtime.limiter import Budget, Limiter, create_limiter
+from runtime.ops.demo import enqueue
 from runtime.services import free_port
 
 API_KEY = "e2e-key-not-secret"
@@ -245,16 +246,7 @@ class Fleet:
                 path.write_bytes(document.pdf)
 
     async def _enqueue(self) -> None:
-        rows = [(d.source, d.number, d.name) for d in self.documents]
-        connection = await asyncpg.connect(self.database_url)
-        try:
-            await connection.executemany(
-                "INSERT INTO extraction_queue (document_source, document_number, supabase_path,"
-                " circonscription_fonciere, status_id) VALUES ($1, $2, $3, 'Montréal', 3)",
-                rows,
-            )
-        finally:
-            await connection.close()
+        await enqueue(self.database_url, [(d.source, d.number, d.name) for d in self.documents])
 
     async def rows(self) -> list[asyncpg.Record]:
         """Every row of the queue with the columns the tests look at."""
