@@ -72,6 +72,7 @@ _CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.TooManyConnectionsError,
+    asyncpg.InternalClientError,  # a connection left in a broken protocol state
 )
 
 
@@ -200,7 +201,14 @@ class PostgresJobStore:
     async def _connection(self) -> AsyncIterator[Any]:
         try:
             async with self._pool.acquire() as connection:
-                yield connection
+                try:
+                    yield connection
+                except BaseException:
+                    # A call cut short (timeout, cancellation, lost server) may leave the
+                    # connection mid-operation; as the pool skips its reset, it must not
+                    # be handed out again.
+                    connection.terminate()
+                    raise
         except _CONNECTION_ERRORS as exc:
             raise StoreUnavailableError(f"queue database unavailable: {exc}") from exc
 
