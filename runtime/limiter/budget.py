@@ -58,6 +58,7 @@ number of phantom entries) in the first window, exact again one window later.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 PPM = 1_000_000
@@ -72,6 +73,7 @@ SLOW_WINDOWS = 10  # from the knee to the ceiling: +1 % of the ceiling per quiet
 RECOVERY_WINDOWS = 25  # every climb is back at 100 % after this many quiet windows
 PHANTOM_ENTRIES = 100
 WALK_LIMIT = 128  # log entries one admission may read past the expired head
+BATCH_SPAN_US = 10_000  # how far past the first slot one call books the waiters behind it
 PHANTOM_PREFIX = "~"
 
 ADMIT = 0
@@ -273,9 +275,18 @@ def _reserve(shares: dict[str, int], used: dict[str, list[int]], rpm: int, tpm: 
 
 
 def admit(
-    state: ModelState, limits: Limits, now: int, grant_id: str, tokens: int, lane: str
+    state: ModelState,
+    limits: Limits,
+    now: int,
+    grant_id: str,
+    tokens: int,
+    lane: str,
+    latest: int | None = None,
 ) -> Decision:
-    """Book one request of ``tokens`` at the earliest slot that fits, or say how long to wait."""
+    """Book one request of ``tokens`` at the earliest slot that fits, or say how long to wait.
+
+    With ``latest``, a slot after it is refused (WAIT) instead of booked.
+    """
     w = limits.window_us
     if not state.initialised:
         seed(state, now, limits)
@@ -307,6 +318,8 @@ def admit(
     while True:
         if t - now > limits.horizon:
             return Decision(WAIT, max(1000, t - now - limits.horizon), now)
+        if latest is not None and t > latest:
+            return Decision(WAIT, t - now, now)
         while i < len(state.log) and i < WALK_LIMIT and state.log[i][0] <= t - w:
             entry = state.grants[state.log[i][1]]
             requests -= entry.requests
@@ -335,6 +348,29 @@ def admit(
     state.tat_tokens = max(state.tat_tokens, t) + ceil_div(tokens * w, tpm)
     state.day_counts[day] = state.day_counts.get(day, 0) + 1
     return Decision(ADMIT, t, now)
+
+
+def admit_many(
+    state: ModelState, limits: Limits, now: int, requests: Sequence[tuple[str, int]], lane: str
+) -> list[Decision]:
+    """Book ``(grant_id, tokens)`` requests in order; stop at the first that is not admitted.
+
+    The decisions returned are the admissions, then (unless all were admitted) the
+    decision for the first request that was not: those behind it keep their turn. The
+    requests after the first are booked only within ``BATCH_SPAN_US`` of the first's slot:
+    a queue books a short run of slots at once, never a long stretch of the future that
+    a lane starting to ask later would have to wait behind.
+    """
+    decisions: list[Decision] = []
+    latest = None
+    for grant_id, tokens in requests:
+        decision = admit(state, limits, now, grant_id, tokens, lane, latest)
+        decisions.append(decision)
+        if decision.kind != ADMIT:
+            break
+        if latest is None:
+            latest = decision.value + BATCH_SPAN_US
+    return decisions
 
 
 def settle(

@@ -1,12 +1,13 @@
 """The limiter of one process: local semaphore, FIFO waiters, grants, 429 feedback, fallback.
 
-Per (model, lane) the waiters of a process queue in FIFO order and only the head talks
-to the store: it takes a semaphore slot, books the next slot (one script call), sleeps
-until that slot and hands headship on. Redis load therefore grows with admissions, not
-with waiters. While Redis is unreachable the process admits from memory against its
-share of the budget (budget / the most live workers read in the 30 s before Redis went
-away; the count is read every second) and returns to Redis by itself.
-"""
+Per (model, lane) the waiters of a process queue in FIFO order and only the one that
+leads talks to the store: in one script call it books itself and the waiters behind it
+that have a free semaphore slot, then passes the lead on when the last of those slots
+is due. Redis load therefore grows with admissions, not with waiters, and a busy
+process admits many waiters per round trip. While Redis is unreachable the process
+admits from memory against its share of the budget (budget / the most live workers
+read in the 30 s before Redis went away; the count is read every second) and returns to
+Redis by itself."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import itertools
 import os
 import re
 import secrets
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import TypeVar
 
@@ -24,7 +27,7 @@ import structlog
 
 from runtime.errors import ConfigurationError
 from runtime.limiter import budget
-from runtime.limiter.budget import Budget, Limits
+from runtime.limiter.budget import Budget, Decision, Limits
 from runtime.limiter.errors import DailyQuotaExhausted, RequestTooLarge, StoreUnavailable
 from runtime.limiter.grant import Grant, LaneUsage, LimiterStats, Usage, release_quietly
 from runtime.limiter.memory import MemoryRateStore
@@ -40,6 +43,7 @@ from runtime.limiter.store import RateStore
 log = structlog.get_logger()
 T = TypeVar("T")
 SHARED_POOL = "default"  # the key of every model without a budget of its own
+MAX_BATCH = 64  # waiters of one queue booked in one call at most
 PROBE_S = 0.5
 _NAME = re.compile(r"^[A-Za-z0-9_.\-/]*$")
 
@@ -90,7 +94,8 @@ class Limiter:
         self._heartbeat_s = heartbeat_s
         self._live_refresh_s = live_refresh_s
         self._semaphore = asyncio.Semaphore(max_inflight)
-        self._queues: dict[tuple[str, str], asyncio.Lock] = {}
+        self._queues: dict[tuple[str, str], _Queue] = {}
+        self._routes: dict[str, tuple[str, Limits]] = {}
         self._live = LiveCounts()
         self._degraded = store is None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -205,9 +210,15 @@ class Limiter:
     # -- routing and fallback ---------------------------------------------------------
 
     def _route(self, model: str) -> tuple[str, Limits]:
-        key = model if model in self.model_budgets else SHARED_POOL
-        chosen = self.model_budgets.get(model, self.budget)
-        return key, Limits.of(chosen, rpd=self.rpd, shares=self.lane_shares)
+        route = self._routes.get(model)
+        if route is None:
+            key = model if model in self.model_budgets else SHARED_POOL
+            chosen = self.model_budgets.get(model, self.budget)
+            route = self._routes[model] = (
+                key,
+                Limits.of(chosen, rpd=self.rpd, shares=self.lane_shares),
+            )
+        return route
 
     def _enter_fallback(self, exc: Exception) -> None:
         self.stats.store_errors += 1
@@ -263,64 +274,152 @@ class Limiter:
             raise RequestTooLarge(tokens, limits.tpm, model)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        grant_id = f"{self._id_prefix}{next(self._ids)}"
-        holder: tuple[RateStore, Limits] | None = None  # where a reservation may exist
-        holding_slot = False
-        queue = self._queues.setdefault((key, lane), asyncio.Lock())
+        waiter = _Waiter(f"{self._id_prefix}{next(self._ids)}", tokens, loop.create_future())
+        queue = self._queues.get((key, lane))
+        if queue is None:
+            queue = self._queues[(key, lane)] = _Queue()
         try:
-            async with queue:  # FIFO: only the head of the queue asks the store
-                await self._semaphore.acquire()
-                holding_slot = True
-                while True:
-                    if self._primary is not None and not self._degraded:
-                        holder = (self._primary, limits)
-                    else:
-                        holder = (self._fallback, limits)
-                    store, used, decision = await self._decide(
-                        key,
-                        limits,
-                        lambda s, lim: s.admit(key, lim, grant_id, tokens, lane),
-                    )
-                    holder = (store, used)
-                    if decision.kind == budget.ADMIT:
-                        break
-                    holder = None
-                    if decision.kind == budget.TOO_LARGE:
-                        raise RequestTooLarge(tokens, used.tpm, model)
-                    if decision.kind == budget.DAY_EXHAUSTED:
-                        raise DailyQuotaExhausted(model, used.rpd, decision.value / 1e6)
-                    await asyncio.sleep(decision.value / 1e6)
-                # The slot is measured from the store's clock when it answered.
-                delay = (decision.value - decision.now) / 1e6
-                if delay > 0:
-                    await asyncio.sleep(delay)
+            if queue.led:
+                queue.waiters.append(waiter)
+                booking = await waiter.future
+            else:
+                queue.led = True
+                booking = None
+            if booking is None:  # this waiter leads the queue now
+                waiter.leading = True
+                booking = await self._lead(queue, key, limits, lane, waiter)
+            waiter.booking = booking
+            # The slot is measured from the store's clock when it answered.
+            delay = (booking.decision.value - booking.decision.now) / 1e6
+            if delay > 0:
+                await asyncio.sleep(delay)
         except BaseException:
-            if holding_slot:
-                self._semaphore.release()
-            if holder is not None:
-                await self._shielded(release_quietly(holder[0], key, holder[1], grant_id))
+            await self._abandon(queue, waiter, key)
             raise
         wait_s = loop.time() - started
         self.stats.admissions += 1
         self.stats.wait_s_total += wait_s
         self.stats.tokens_reserved += tokens
-        shared = store is not self._fallback
+        shared = booking.store is not self._fallback
         if not shared and self._primary is not None:
             self.stats.fallback_admissions += 1
         return Grant(
-            grant_id=grant_id,
+            grant_id=waiter.grant_id,
             model=model,
             key=key,
             lane=lane,
             tokens=tokens,
             wait_s=wait_s,
-            slot=decision.value / 1e6,
+            slot=booking.decision.value / 1e6,
             shared=shared,
-            store=store,
-            limits=used,
+            store=booking.store,
+            limits=booking.limits,
             stats=self.stats,
             spawn=self._shielded,
         )
+
+    async def _lead(
+        self, queue: _Queue, key: str, limits: Limits, lane: str, head: _Waiter
+    ) -> _Booking:
+        """Book the head and the waiters behind it that have a free slot, in one call.
+
+        The lead passes on once the last slot booked here is reached: a queue has one
+        batch booked ahead of now at most, and asks the store again when it is due.
+        """
+        await self._semaphore.acquire()
+        head.holds_slot = True
+        while True:
+            batch = [head]
+            while queue.waiters and len(batch) < MAX_BATCH and not self._semaphore.locked():
+                follower = queue.waiters.popleft()
+                if follower.future.done():
+                    continue  # cancelled while it waited
+                await self._semaphore.acquire()  # free: returns at once; ours until booked
+                batch.append(follower)
+            requests = [(w.grant_id, w.tokens) for w in batch]
+            asked = self._primary if self._primary is not None and not self._degraded else None
+            try:
+                store, used, decisions = await self._decide(
+                    key, limits, _admitting(key, requests, lane)
+                )
+            except BaseException:
+                # The answer is lost, not necessarily the bookings: give them all back.
+                self._requeue(queue, batch[1:], renew=True)
+                store = asked or self._fallback
+                await self._shielded(self._release_all(store, key, limits, requests))
+                raise
+            admitted = sum(1 for d in decisions if d.kind == budget.ADMIT)
+            for follower, decision in zip(batch[1:admitted], decisions[1:admitted], strict=True):
+                booking = _Booking(store, used, decision)
+                if follower.future.done():  # cancelled while it was being booked
+                    self._semaphore.release()
+                    self._spawn_task(release_quietly(store, key, used, follower.grant_id))
+                else:
+                    follower.holds_slot = True  # the slot is the follower's from now on
+                    follower.future.set_result(booking)
+            self._requeue(queue, batch[max(1, admitted) :], renew=False)
+            if admitted:
+                break
+            refused = decisions[0]
+            if refused.kind == budget.TOO_LARGE:
+                raise RequestTooLarge(head.tokens, used.tpm, key)
+            if refused.kind == budget.DAY_EXHAUSTED:
+                raise DailyQuotaExhausted(key, used.rpd, refused.value / 1e6)
+            await asyncio.sleep(refused.value / 1e6)
+        last = decisions[admitted - 1]
+        hand_on_us = last.value - last.now
+        head.leading = False
+        if hand_on_us > 0:
+            asyncio.get_running_loop().call_later(hand_on_us / 1e6, self._hand_on, queue)
+        else:
+            self._hand_on(queue)
+        return _Booking(store, used, decisions[0])
+
+    def _requeue(self, queue: _Queue, waiters: list[_Waiter], *, renew: bool) -> None:
+        """Put waiters that were not booked back at the front of the queue, in order."""
+        for waiter in reversed(waiters):
+            self._semaphore.release()
+            if renew:  # a release of the old id may still be on its way
+                waiter.grant_id = f"{self._id_prefix}{next(self._ids)}"
+            if not waiter.future.done():
+                queue.waiters.appendleft(waiter)
+
+    @staticmethod
+    def _hand_on(queue: _Queue) -> None:
+        while queue.waiters:
+            waiter = queue.waiters.popleft()
+            if not waiter.future.done():
+                waiter.future.set_result(None)  # lead the queue
+                return
+        queue.led = False
+
+    @staticmethod
+    async def _release_all(
+        store: RateStore, key: str, limits: Limits, requests: list[tuple[str, int]]
+    ) -> None:
+        for grant_id, _ in requests:
+            await release_quietly(store, key, limits, grant_id)
+
+    async def _abandon(self, queue: _Queue, waiter: _Waiter, key: str) -> None:
+        """A waiter leaves on an exception: pass its lead on, free its slot and booking."""
+        future = waiter.future
+        if not future.done():
+            future.cancel()  # its place in the queue is skipped
+        elif waiter.booking is None and not future.cancelled():
+            waiter.booking = future.result()
+            if waiter.booking is None and not waiter.leading:
+                self._hand_on(queue)  # told to lead, gone before it could
+        if waiter.leading:
+            waiter.leading = False
+            self._hand_on(queue)
+        if waiter.holds_slot:
+            waiter.holds_slot = False
+            self._semaphore.release()
+        if waiter.booking is not None:
+            booking = waiter.booking
+            await self._shielded(
+                release_quietly(booking.store, key, booking.limits, waiter.grant_id)
+            )
 
     # -- feedback and monitoring ------------------------------------------------------
 
@@ -372,6 +471,45 @@ class Limiter:
             booked_requests=snap.booked_requests,
             booked_tokens=snap.booked_tokens,
         )
+
+
+def _admitting(
+    key: str, requests: list[tuple[str, int]], lane: str
+) -> Callable[[RateStore, Limits], Awaitable[list[Decision]]]:
+    return lambda store, limits: store.admit_many(key, limits, requests, lane)
+
+
+@dataclass(frozen=True)
+class _Booking:
+    """Where and when a waiter was booked."""
+
+    store: RateStore
+    limits: Limits
+    decision: Decision
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """One caller of ``acquire``; its future says "booked" or, with None, "lead now"."""
+
+    grant_id: str
+    tokens: int
+    future: asyncio.Future[_Booking | None]
+    leading: bool = False
+    holds_slot: bool = False
+    booking: _Booking | None = None
+
+
+class _Queue:
+    """The waiters of one (model, lane) in this process: at most one of them leads."""
+
+    def __init__(self) -> None:
+        self.waiters: deque[_Waiter] = deque()
+        self.led = False  # a waiter leads, or the lead passes on at a booked slot
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for waiter in self.waiters if not waiter.future.done())
 
 
 class Admission:

@@ -7,7 +7,7 @@ the tests. It follows exactly the same arithmetic as the Lua script.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from runtime.limiter import budget
 from runtime.limiter.budget import Decision, Limits, ModelState, Snapshot
@@ -32,6 +32,11 @@ class MemoryRateStore:
         self, model: str, limits: Limits, grant_id: str, tokens: int, lane: str
     ) -> Decision:
         return budget.admit(self.state(model), limits, self._clock(), grant_id, tokens, lane)
+
+    async def admit_many(
+        self, model: str, limits: Limits, requests: Sequence[tuple[str, int]], lane: str
+    ) -> list[Decision]:
+        return budget.admit_many(self.state(model), limits, self._clock(), requests, lane)
 
     async def settle(
         self, model: str, limits: Limits, grant_id: str, estimate: int, actual: int, lane: str

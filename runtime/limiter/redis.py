@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from importlib import resources
+from typing import cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -50,9 +52,18 @@ def _cancelling() -> int:
     return task.cancelling() if task is not None else 0
 
 
-def model_keys(namespace: str, model: str) -> list[str]:
+@functools.lru_cache(maxsize=256)
+def _wire(limits: Limits) -> bytes:
+    """The limits as the script's one argument: fewer arguments, cheaper calls."""
+    shares = ",".join(f"{lane}={ppm}" for lane, ppm in limits.shares)
+    figures = (limits.window_us, limits.rpm, limits.tpm, limits.rpd, limits.horizon)
+    return " ".join([*map(str, figures), shares]).encode()
+
+
+@functools.lru_cache(maxsize=256)
+def model_keys(namespace: str, model: str) -> tuple[str, ...]:
     tag = f"{{{namespace}:{model}}}"
-    return [f"{tag}:state", f"{tag}:log", f"{tag}:grants", f"{tag}:days"]
+    return (f"{tag}:state", f"{tag}:log", f"{tag}:grants", f"{tag}:days")
 
 
 class RedisRateStore:
@@ -86,18 +97,7 @@ class RedisRateStore:
         """Run one operation of the script; ``StoreUnavailable`` when Redis cannot answer."""
         if now is None and self._clock is not None:
             now = self._clock()
-        shares = ",".join(f"{lane}={ppm}" for lane, ppm in limits.shares)
-        argv: list[str | int] = [
-            op,
-            "" if now is None else now,
-            limits.window_us,
-            limits.rpm,
-            limits.tpm,
-            limits.rpd,
-            limits.horizon,
-            shares,
-            *args,
-        ]
+        argv: list[str | int | bytes] = [op, "" if now is None else now, _wire(limits), *args]
         keys = model_keys(self._namespace, model)
         before = _cancelling()
         try:
@@ -120,8 +120,18 @@ class RedisRateStore:
     async def admit(
         self, model: str, limits: Limits, grant_id: str, tokens: int, lane: str
     ) -> Decision:
-        kind, value, now = await self.call(model, limits, "admit", [grant_id, tokens, lane])
-        return Decision(int(str(kind)), int(str(value)), int(str(now)))
+        (decision,) = await self.admit_many(model, limits, [(grant_id, tokens)], lane)
+        return decision
+
+    async def admit_many(
+        self, model: str, limits: Limits, requests: Sequence[tuple[str, int]], lane: str
+    ) -> list[Decision]:
+        args: list[str | int] = [lane]
+        for grant_id, tokens in requests:
+            args += (grant_id, tokens)
+        # The script replies with integers: kind, value for each request decided, then now.
+        *decided, now = cast(list[int], await self.call(model, limits, "admit", args))
+        return [Decision(decided[i], decided[i + 1], now) for i in range(0, len(decided), 2)]
 
     async def settle(
         self, model: str, limits: Limits, grant_id: str, estimate: int, actual: int, lane: str

@@ -1,7 +1,8 @@
-"""The port of the limiter's shared state: one admission decision per call."""
+"""The port of the limiter's shared state: each call is one atomic decision."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from runtime.limiter.budget import Decision, Limits, Snapshot
@@ -14,9 +15,9 @@ class RateStore(Protocol):
     Implementations raise ``StoreUnavailable`` when the state cannot be reached.
     """
 
-    async def admit(
-        self, model: str, limits: Limits, grant_id: str, tokens: int, lane: str
-    ) -> Decision: ...
+    async def admit_many(
+        self, model: str, limits: Limits, requests: Sequence[tuple[str, int]], lane: str
+    ) -> list[Decision]: ...
 
     async def settle(
         self, model: str, limits: Limits, grant_id: str, estimate: int, actual: int, lane: str

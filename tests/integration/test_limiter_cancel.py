@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
@@ -22,15 +22,17 @@ class ReplyLost(MemoryRateStore):
         self.inner = inner
         self.booked = asyncio.Event()
         self.hold = True
+        self.batches: list[int] = []  # waiters booked by each call
 
-    async def admit(
-        self, model: str, limits: Limits, grant_id: str, tokens: int, lane: str
-    ) -> Decision:
-        decision = await self.inner.admit(model, limits, grant_id, tokens, lane)
+    async def admit_many(
+        self, model: str, limits: Limits, requests: Sequence[tuple[str, int]], lane: str
+    ) -> list[Decision]:
+        self.batches.append(len(requests))
+        decisions = await self.inner.admit_many(model, limits, requests, lane)
         if self.hold:
             self.booked.set()
             await asyncio.Event().wait()  # the answer never comes back
-        return decision
+        return decisions
 
     async def release(self, model: str, limits: Limits, grant_id: str) -> bool:
         return await self.inner.release(model, limits, grant_id)
@@ -80,7 +82,7 @@ async def reservations(limiter: Limiter) -> int:
 async def nothing_leaked(limiter: Limiter) -> None:
     assert limiter.inflight == 0
     assert await reservations(limiter) == 0
-    assert not any(lock.locked() for lock in limiter._queues.values())
+    assert not any(queue.waiting for queue in limiter._queues.values())
 
 
 async def cancel(task: asyncio.Task[None]) -> None:
@@ -133,7 +135,7 @@ async def test_cancelled_while_waiting_for_a_semaphore_slot(limiter: Limiter) ->
     for task in holders:
         await cancel(task)  # cancelled inside the call: the estimate stays charged
     assert limiter.inflight == 0
-    assert not any(lock.locked() for lock in limiter._queues.values())
+    assert not any(queue.waiting for queue in limiter._queues.values())
 
 
 async def test_cancelled_after_booking_before_the_answer(
@@ -156,3 +158,73 @@ async def test_the_queue_moves_on_after_cancellations(limiter: Limiter) -> None:
     async with limiter.acquire(1, model="flash", lane="acte") as grant:
         await grant.settle(1)
     assert limiter.inflight == 0
+
+
+async def admit_and_release(limiter: Limiter) -> None:
+    async with limiter.acquire(10, model="flash", lane="acte") as grant:
+        await grant.release()
+
+
+@pytest.fixture
+async def fast_limiter(store: ReplyLost) -> AsyncIterator[Limiter]:
+    """Slots paced 0.1 ms apart: waiters queued together fall within one batch's span."""
+    result = Limiter(Budget(rpm=10_000, tpm=1_000_000, window_s=1.0), store=store, max_inflight=4)
+    await result.start()
+    yield result
+    await result.aclose()
+
+
+async def test_waiters_queued_behind_a_booking_are_booked_in_one_call(
+    fast_limiter: Limiter, store: ReplyLost
+) -> None:
+    # The first is booked at the end of the pause and the lead passes on at that slot:
+    # whoever queued meanwhile is booked together, as many as the free semaphore slots.
+    limiter = fast_limiter
+    await limiter.report_rate_limited(model="flash", retry_after_s=0.2)
+    tasks = [asyncio.create_task(admit_and_release(limiter)) for _ in range(6)]
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)
+    assert sum(store.batches) == 6
+    assert store.batches[0] == 1
+    assert store.batches[1] >= 3  # the first may still hold its slot: 3 or 4 together
+    await nothing_leaked(limiter)
+
+
+async def test_cancelled_while_booked_together_with_the_head(
+    fast_limiter: Limiter, store: ReplyLost
+) -> None:
+    limiter = fast_limiter
+    await limiter.report_rate_limited(model="flash", retry_after_s=0.3)
+    # Booked at the end of the pause, when the lead passes on; it gives its booking back.
+    first = asyncio.create_task(admit_and_release(limiter))
+    await asyncio.sleep(0.05)
+    store.hold = True
+    head = asyncio.create_task(enter(limiter))
+    behind = asyncio.create_task(enter(limiter))
+    await store.booked.wait()  # both booked by one call whose answer never comes
+    assert store.batches[-1] == 2
+    await first
+    assert await reservations(limiter) == 2
+    await cancel(behind)
+    await cancel(head)
+    store.hold = False
+    await nothing_leaked(limiter)
+
+
+async def test_followers_go_on_when_their_head_is_cancelled(
+    fast_limiter: Limiter, store: ReplyLost
+) -> None:
+    limiter = fast_limiter
+    await limiter.report_rate_limited(model="flash", retry_after_s=0.3)
+    first = asyncio.create_task(admit_and_release(limiter))
+    await asyncio.sleep(0.05)
+    store.hold = True
+    head = asyncio.create_task(enter(limiter))
+    behind = asyncio.create_task(admit_and_release(limiter))
+    await store.booked.wait()
+    assert store.batches[-1] == 2
+    store.hold = False
+    await cancel(head)
+    await asyncio.wait_for(behind, 5)  # it leads in turn and is booked
+    assert store.batches[-1] == 1
+    await first
+    await nothing_leaked(limiter)

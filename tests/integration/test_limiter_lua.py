@@ -33,9 +33,19 @@ class Twin:
 
     async def admit(self, now: int, gid: str, tokens: int, lane: str) -> tuple[int, int]:
         core = budget.admit(self.state, self.lim, now, gid, tokens, lane)
-        lua = await self.store.call("m", self.lim, "admit", [gid, tokens, lane], now=now)
+        lua = await self.store.call("m", self.lim, "admit", [lane, gid, tokens], now=now)
         assert [int(str(x)) for x in lua] == [core.kind, core.value, core.now]
         return core.kind, core.value
+
+    async def admit_many(self, now: int, requests: list[tuple[str, int]], lane: str) -> list[int]:
+        core = budget.admit_many(self.state, self.lim, now, requests, lane)
+        args: list[str | int] = [lane]
+        for gid, tokens in requests:
+            args += [gid, tokens]
+        lua = await self.store.call("m", self.lim, "admit", args, now=now)
+        expected = [x for decision in core for x in (decision.kind, decision.value)] + [now]
+        assert [int(str(x)) for x in lua] == expected
+        return [decision.kind for decision in core]
 
     async def settle(self, now: int, gid: str, estimate: int, actual: int, lane: str) -> None:
         core = budget.settle(self.state, self.lim, now, gid, estimate, actual, lane)
@@ -162,10 +172,18 @@ async def test_random_scenarios_agree(store: RedisRateStore, seed: int) -> None:
         roll = rng.random()
         if roll < 0.6:
             lane = rng.choice(["index", "acte", "other"])
-            tokens = rng.choice([1, 50, 120, 300, 999, 1_001])
-            kind, _ = await twin.admit(now, f"g{n}", tokens, lane)
-            if kind == budget.ADMIT:
-                admitted.append((f"g{n}", tokens, lane))
+            # One request, or a process's queue of waiters booked in one call.
+            batch = [
+                (f"g{n}.{k}", rng.choice([1, 50, 120, 300, 999, 1_001]))
+                for k in range(rng.choice([1, 1, 1, 2, 5]))
+            ]
+            kinds = await twin.admit_many(now, batch, lane)
+            assert kinds[:-1] == [budget.ADMIT] * (len(kinds) - 1)  # stops at the first refusal
+            admitted += [
+                (gid, tokens, lane)
+                for (gid, tokens), kind in zip(batch, kinds, strict=False)
+                if kind == budget.ADMIT
+            ]
         elif roll < 0.8 and admitted:
             gid, estimate, lane = rng.choice(admitted)
             await twin.settle(now, gid, estimate, rng.randrange(0, 2 * estimate + 2), lane)

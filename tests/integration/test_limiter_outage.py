@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 
 import pytest
 import redis.asyncio as aioredis
@@ -39,11 +40,11 @@ class SwitchableStore:
         if self.down:
             raise StoreUnavailable("switched off")
 
-    async def admit(
-        self, model: str, limits: Limits, grant_id: str, tokens: int, lane: str
-    ) -> Decision:
+    async def admit_many(
+        self, model: str, limits: Limits, requests: Sequence[tuple[str, int]], lane: str
+    ) -> list[Decision]:
         self._check()
-        return await self.inner.admit(model, limits, grant_id, tokens, lane)
+        return await self.inner.admit_many(model, limits, requests, lane)
 
     async def settle(
         self, model: str, limits: Limits, grant_id: str, estimate: int, actual: int, lane: str

@@ -4,9 +4,9 @@
 --
 -- KEYS: 1 state hash, 2 log zset (score = slot, member = grant id),
 --       3 grants hash (id -> "requests:tokens:lane"), 4 daily counts hash (day -> requests)
--- ARGV: 1 op, 2 now_us ('' = Redis TIME; a number only in tests), 3 window_us, 4 rpm,
---       5 tpm, 6 rpd, 7 horizon_us, 8 shares "lane=ppm,...", 9.. op arguments
-
+-- ARGV: 1 op, 2 now_us ('' = Redis TIME; a number only in tests),
+--       3 limits "window_us rpm tpm rpd horizon_us lane=ppm,...", 4.. op arguments
+-- 'admit' books a whole queue of one process's waiters in one call (see the dispatch).
 local S, L, G, D = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local op = ARGV[1]
 local now
@@ -16,10 +16,12 @@ else
   local clock = redis.call('TIME')
   now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 end
-local W, RPM, TPM = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local RPD, HORIZON = tonumber(ARGV[6]), tonumber(ARGV[7])
+local W, RPM, TPM, RPD, HORIZON, SPEC =
+  string.match(ARGV[3], '^(%d+) (%d+) (%d+) (%d+) (%d+) ?(.*)$')
+W, RPM, TPM, RPD, HORIZON = tonumber(W), tonumber(RPM), tonumber(TPM), tonumber(RPD),
+  tonumber(HORIZON)
 local SHARES, SHARE_LANES = {}, {}
-for lane, ppm in string.gmatch(ARGV[8], '([^,=]+)=(%d+)') do
+for lane, ppm in string.gmatch(SPEC, '([^,=]+)=(%d+)') do
   SHARES[lane] = tonumber(ppm)
   table.insert(SHARE_LANES, lane)
 end
@@ -27,7 +29,7 @@ end
 local PPM, DAY_US = 1000000, 86400000000
 local FACTOR_FLOOR_PPM, FACTOR_CUT_PPM, RECOVERY_PPM_PER_WINDOW = 100000, 700000, 100000
 local KNEE_PPM, SLOW_WINDOWS, RECOVERY_WINDOWS = 900000, 10, 25
-local PHANTOM_ENTRIES, WALK_LIMIT = 100, 128
+local PHANTOM_ENTRIES, WALK_LIMIT, BATCH_SPAN_US = 100, 128, 10000
 local ADMIT, WAIT, TOO_LARGE, DAY_EXHAUSTED = 0, 1, 2, 3
 
 -- Integers are exact below 2**53 and formatted without exponent.
@@ -153,9 +155,10 @@ local function reserve(used, active, rpm, tpm)
   return r, t
 end
 
-local function admit(id, tokens, lane)
+local function admit(id, tokens, lane, latest)
   if get('init') == 0 then seed() end
   expire()
+  cache = {}  -- an admission before this one may have shifted the log
   if lane ~= '' then put('ld:' .. lane, now) end
   if tokens > TPM then return {TOO_LARGE, 0, now} end
   local day = floor_div(now, DAY_US)
@@ -176,8 +179,16 @@ local function admit(id, tokens, lane)
   local t = math.max(now, get('pu'), get('tr'), get('tt') - tolerance)
   local i = 0
   local lane_blocked = false
-  while true do
+  local function fits()
+    if requests + 1 > rpm or charged + tokens > tpm then return false end
+    local reserve_r, reserve_t = reserve(used, active, rpm, tpm)
+    return rpm - requests - 1 >= reserve_r and tpm - charged - tokens >= reserve_t
+  end
+  -- Reading the log costs more than all the rest: skip it when the request fits at t
+  -- before any entry leaves the window (an entry leaving can only make more room).
+  while t - now > HORIZON or (latest and t > latest) or not fits() do
     if t - now > HORIZON then return {WAIT, math.max(1000, t - now - HORIZON), now} end
+    if latest and t > latest then return {WAIT, t - now, now} end
     local e = entry(i)
     while e ~= nil and i < WALK_LIMIT and e[1] <= t - W do
       requests = requests - e[2]
@@ -189,11 +200,9 @@ local function admit(id, tokens, lane)
       i = i + 1
       e = entry(i)
     end
-    if requests + 1 <= rpm and charged + tokens <= tpm then
-      local reserve_r, reserve_t = reserve(used, active, rpm, tpm)
-      if rpm - requests - 1 >= reserve_r and tpm - charged - tokens >= reserve_t then break end
-      lane_blocked = true
-    end
+    if fits() then break end
+    -- Room in the whole budget, but not outside the other lanes' reserves.
+    if requests + 1 <= rpm and charged + tokens <= tpm then lane_blocked = true end
     if e == nil or i >= WALK_LIMIT then
       if e == nil and lane_blocked then
         local earliest = nil
@@ -310,13 +319,24 @@ end
 
 local result
 if op == 'admit' then
-  result = admit(ARGV[9], tonumber(ARGV[10]), ARGV[11])
+  -- ARGV[4] lane, then (id, tokens) pairs admitted in order until one is not (see
+  -- admit_many): the reply is kind, value for each request decided, then now.
+  result = {}
+  local latest = nil
+  for k = 5, #ARGV, 2 do
+    local decision = admit(ARGV[k], tonumber(ARGV[k + 1]), ARGV[4], latest)
+    table.insert(result, decision[1])
+    table.insert(result, decision[2])
+    if decision[1] ~= ADMIT then break end
+    latest = latest or decision[2] + BATCH_SPAN_US
+  end
+  table.insert(result, now)
 elseif op == 'settle' then
-  result = settle(ARGV[9], tonumber(ARGV[10]), tonumber(ARGV[11]), ARGV[12])
+  result = settle(ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7])
 elseif op == 'release' then
-  result = release(ARGV[9])
+  result = release(ARGV[4])
 elseif op == 'report' then
-  result = report(tonumber(ARGV[9]), ARGV[10] == '1')
+  result = report(tonumber(ARGV[4]), ARGV[5] == '1')
 elseif op == 'snapshot' then
   result = snapshot()
 else
