@@ -41,12 +41,16 @@ failed at what it sent), but no lower than 70 % of the factor, so one cut keeps 
   factor was still climbing back (below 100 %). A first 429 after a full recovery sets
   no ceiling: the factor climbs back to the budget additively, +10 % of the budget per
   quiet window, in a few windows.
-* Under a ceiling the climb is +10 % of the budget per window up to the knee (90 % of
-  the ceiling), then +1 % of the ceiling per window up to the ceiling (ten windows),
+* Under a ceiling the climb is +10 % of the budget per window up to the knee (80 % of
+  the ceiling), then +1 % of the ceiling per window up to the ceiling (twenty windows),
   then +10 % per window again: once the factor passes the ceiling without a 429 the
   ceiling no longer applies, so a raised quota is found again.
-* A lowered quota therefore costs one 429 about every eleven windows instead of one
-  every couple of windows. Every climb is back at 100 % within ``RECOVERY_WINDOWS``.
+* The ceiling overestimates the quota (the level that met the 429 is above it), so the
+  probe below the ceiling must be slow: measured end to end, a quota halved under a
+  fleet at full speed left a ceiling about 15 % above the quota, and each probe past
+  the quota costs a few 429s (calls already in flight). A lowered quota therefore costs
+  one short burst of 429s every twenty-odd windows instead of one every couple of
+  windows. Every climb is back at 100 % within ``RECOVERY_WINDOWS``.
 
 After a lost state (first start, FLUSHALL, failover, idle expiry) the log is seeded with
 phantom entries that spread the full budget evenly over the past window, as if the
@@ -68,9 +72,9 @@ MAX_TPM = 10**9  # the tokens of a window in parts per million stay exact below 
 FACTOR_FLOOR_PPM = 100_000  # a quota 429 never cuts the budget below 10 %
 FACTOR_CUT_PPM = 700_000  # each quota 429 keeps 70 % of the level it met
 RECOVERY_PPM_PER_WINDOW = 100_000  # +10 % of the budget per quiet window
-KNEE_PPM = 900_000  # the fast climb stops at 90 % of the factor that met the last 429
-SLOW_WINDOWS = 10  # from the knee to the ceiling: +1 % of the ceiling per quiet window
-RECOVERY_WINDOWS = 25  # every climb is back at 100 % after this many quiet windows
+KNEE_PPM = 800_000  # the fast climb stops at 80 % of the factor that met the last 429
+SLOW_WINDOWS = 20  # from the knee to the ceiling: +1 % of the ceiling per quiet window
+RECOVERY_WINDOWS = 40  # every climb is back at 100 % after this many quiet windows
 PHANTOM_ENTRIES = 100
 WALK_LIMIT = 128  # log entries one admission may read past the expired head
 BATCH_SPAN_US = 10_000  # how far past the first slot one call books the waiters behind it
@@ -192,7 +196,7 @@ def _gain(elapsed: int, rate_ppm: int, window_us: int) -> int:
 def effective_factor(state: ModelState, now: int, window_us: int) -> int:
     """The budget factor (ppm): cut by quota 429s, climbing back additively when quiet.
 
-    Fast up to the knee (90 % of the ceiling), slowly from the knee to the ceiling, fast
+    Fast up to the knee (80 % of the ceiling), slowly from the knee to the ceiling, fast
     again above it; without a ceiling, fast all the way to 100 %.
     """
     if state.factor_at == 0:

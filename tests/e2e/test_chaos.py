@@ -202,9 +202,10 @@ async def test_quota_cut_by_half_the_fleet_adapts_within_two_windows(
         figures = (f"429s: {cut['http_429']} before the cut, "
                    f"{adapted['http_429'] - cut['http_429']} while adapting, {rejected} of "
                    f"{calls} calls after two windows; {_summary(fleet)}")  # fmt: skip
-        # The fleet re-learns a lowered quota by cutting on 429s and probing back up; it
-        # converges within a few cut cycles. Measured after two windows: 0 %, 0 % and 2.2 %
-        # of calls rejected over three runs, so the bound below is 3 %, not the 1 % the
-        # operators asked for: a later probe can still cost a few 429s.
-        assert rejected < 0.03 * calls, figures
+        # The fleet re-learns a lowered quota by cutting on 429s, then probes back up
+        # slowly (twenty windows from the knee to the level that failed), so the run
+        # after adapting (about six windows) sees no probe: 0 of about 224 calls were
+        # rejected in each of three runs. A probe costs a few 429s once every twenty-odd
+        # windows, well under 1 % of the calls over a longer run.
+        assert rejected < 0.01 * calls, figures
         print(f"quota cut: {figures}")
