@@ -12,6 +12,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -19,6 +20,8 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from runtime.limiter import Budget, create_limiter
+from runtime.limiter.budget import Limits
+from runtime.limiter.redis import SCRIPT, limits_argument, model_keys
 from runtime.services import LocalRedis
 
 # A budget no benchmark reaches: what is measured is the cost of admitting, not waiting.
@@ -31,26 +34,43 @@ def _percentile(samples: list[float], q: float) -> float:
 
 
 async def _latency(url: str, n: int) -> dict[str, float]:
+    """Admission latency beside PING, and beside the same script call made bare.
+
+    ``bare`` is the script's EVALSHA sent straight from redis-py with the arguments the
+    limiter sends, and ``floor`` an EVALSHA of ``return 1`` with those arguments: the
+    steps between them show where an admission's time goes (the script's own work, and
+    the limiter's Python around the call).
+    """
     limiter = await create_limiter(url, UNBOUNDED, namespace="bench-latency")
     client = aioredis.from_url(url)
-    admit: list[float] = []
-    ping: list[float] = []
+    keys = model_keys("bench-bare", "flash")
+    floor_sha = await client.script_load("return 1")
+    script_sha = await client.script_load(SCRIPT)
+    samples: dict[str, list[float]] = {"admit": [], "ping": [], "bare": [], "floor": []}
+
+    async def timed(name: str, call: Awaitable[object], record: bool) -> None:
+        t0 = time.perf_counter()
+        await call
+        if record:
+            samples[name].append(time.perf_counter() - t0)
+
     for i in range(n + 200):  # the first 200 warm up (and let the start-up phantom pass)
+        record = i >= 200
         t0 = time.perf_counter()
         async with limiter.acquire(10, model="flash"):
             t1 = time.perf_counter()
-        await client.ping()
-        t2 = time.perf_counter()
-        if i >= 200:
-            admit.append(t1 - t0)
-            ping.append(t2 - t1)
+        if record:
+            samples["admit"].append(t1 - t0)
+        await timed("ping", client.ping(), record)
+        args = ("admit", "", limits_argument(Limits.of(UNBOUNDED)), "", f"b{i}", 10)
+        await timed("bare", client.evalsha(script_sha, len(keys), *keys, *args), record)
+        await timed("floor", client.evalsha(floor_sha, len(keys), *keys, *args), record)
     await client.aclose()
     await limiter.aclose()
     return {
-        "admit_p50": _percentile(admit, 0.5) * 1e6,
-        "admit_p99": _percentile(admit, 0.99) * 1e6,
-        "ping_p50": _percentile(ping, 0.5) * 1e6,
-        "ping_p99": _percentile(ping, 0.99) * 1e6,
+        f"{name}_{label}": _percentile(values, q) * 1e6
+        for name, values in samples.items()
+        for label, q in (("p50", 0.5), ("p99", 0.99))
     }
 
 
@@ -172,12 +192,30 @@ def _measure(url: str, quick: bool) -> str:
         f"| latency p99 (µs) | {lat['admit_p99']:.0f} | {lat['ping_p99']:.0f} | "
         f"{lat['admit_p99'] / lat['ping_p99']:.2f}x |",
     ]
+    steps = [
+        ("PING", "ping"),
+        ("EVALSHA of `return 1`, same keys and arguments", "floor"),
+        ("the limiter's script, bare EVALSHA from redis-py", "bare"),
+        ("`limiter.acquire` (enter and leave)", "admit"),
+    ]
+    breakdown = [
+        "",
+        "Where an admission's time goes (p50, same loop, same client):",
+        "",
+        "| call | p50 (µs) | vs PING |",
+        "|---|---:|---:|",
+        *(
+            f"| {label} | {lat[name + '_p50']:.0f} | {lat[name + '_p50'] / lat['ping_p50']:.2f}x |"
+            for label, name in steps
+        ),
+    ]
     for processes in (1, 4):
         admit, ping = rates[("admit", processes)], rates[("ping", processes)]
         lines.append(
             f"| per second, {processes} process(es) x 32 callers | {admit:,.0f} | {ping:,.0f} | "
             f"{admit / ping:.2f}x |"
         )
+    lines += breakdown
     lines += [
         "",
         "Redis commands per admission at saturation (4 processes, budget 400 per 1 s window,"

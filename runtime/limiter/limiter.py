@@ -17,9 +17,7 @@ import itertools
 import os
 import re
 import secrets
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import TypeVar
 
@@ -27,10 +25,11 @@ import structlog
 
 from runtime.errors import ConfigurationError
 from runtime.limiter import budget
-from runtime.limiter.budget import Budget, Decision, Limits
+from runtime.limiter.budget import Budget, Limits
 from runtime.limiter.errors import DailyQuotaExhausted, RequestTooLarge, StoreUnavailable
 from runtime.limiter.grant import Grant, LaneUsage, LimiterStats, Usage, release_quietly
 from runtime.limiter.memory import MemoryRateStore
+from runtime.limiter.queue import Booking, Waiter, WaiterQueue, admitting
 from runtime.limiter.registry import (
     HEARTBEAT_S,
     LIVE_REFRESH_S,
@@ -94,7 +93,7 @@ class Limiter:
         self._heartbeat_s = heartbeat_s
         self._live_refresh_s = live_refresh_s
         self._semaphore = asyncio.Semaphore(max_inflight)
-        self._queues: dict[tuple[str, str], _Queue] = {}
+        self._queues: dict[tuple[str, str], WaiterQueue] = {}
         self._routes: dict[str, tuple[str, Limits]] = {}
         self._live = LiveCounts()
         self._degraded = store is None
@@ -274,10 +273,10 @@ class Limiter:
             raise RequestTooLarge(tokens, limits.tpm, model)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        waiter = _Waiter(f"{self._id_prefix}{next(self._ids)}", tokens, loop.create_future())
+        waiter = Waiter(f"{self._id_prefix}{next(self._ids)}", tokens, loop.create_future())
         queue = self._queues.get((key, lane))
         if queue is None:
-            queue = self._queues[(key, lane)] = _Queue()
+            queue = self._queues[(key, lane)] = WaiterQueue()
         try:
             if queue.led:
                 queue.waiters.append(waiter)
@@ -319,8 +318,8 @@ class Limiter:
         )
 
     async def _lead(
-        self, queue: _Queue, key: str, limits: Limits, lane: str, head: _Waiter
-    ) -> _Booking:
+        self, queue: WaiterQueue, key: str, limits: Limits, lane: str, head: Waiter
+    ) -> Booking:
         """Book the head and the waiters behind it that have a free slot, in one call.
 
         The lead passes on once the last slot booked here is reached: a queue has one
@@ -340,7 +339,7 @@ class Limiter:
             asked = self._primary if self._primary is not None and not self._degraded else None
             try:
                 store, used, decisions = await self._decide(
-                    key, limits, _admitting(key, requests, lane)
+                    key, limits, admitting(key, requests, lane)
                 )
             except BaseException:
                 # The answer is lost, not necessarily the bookings: give them all back.
@@ -350,7 +349,7 @@ class Limiter:
                 raise
             admitted = sum(1 for d in decisions if d.kind == budget.ADMIT)
             for follower, decision in zip(batch[1:admitted], decisions[1:admitted], strict=True):
-                booking = _Booking(store, used, decision)
+                booking = Booking(store, used, decision)
                 if follower.future.done():  # cancelled while it was being booked
                     self._semaphore.release()
                     self._spawn_task(release_quietly(store, key, used, follower.grant_id))
@@ -370,12 +369,12 @@ class Limiter:
         hand_on_us = last.value - last.now
         head.leading = False
         if hand_on_us > 0:
-            asyncio.get_running_loop().call_later(hand_on_us / 1e6, self._hand_on, queue)
+            asyncio.get_running_loop().call_later(hand_on_us / 1e6, queue.hand_on)
         else:
-            self._hand_on(queue)
-        return _Booking(store, used, decisions[0])
+            queue.hand_on()
+        return Booking(store, used, decisions[0])
 
-    def _requeue(self, queue: _Queue, waiters: list[_Waiter], *, renew: bool) -> None:
+    def _requeue(self, queue: WaiterQueue, waiters: list[Waiter], *, renew: bool) -> None:
         """Put waiters that were not booked back at the front of the queue, in order."""
         for waiter in reversed(waiters):
             self._semaphore.release()
@@ -385,22 +384,13 @@ class Limiter:
                 queue.waiters.appendleft(waiter)
 
     @staticmethod
-    def _hand_on(queue: _Queue) -> None:
-        while queue.waiters:
-            waiter = queue.waiters.popleft()
-            if not waiter.future.done():
-                waiter.future.set_result(None)  # lead the queue
-                return
-        queue.led = False
-
-    @staticmethod
     async def _release_all(
         store: RateStore, key: str, limits: Limits, requests: list[tuple[str, int]]
     ) -> None:
         for grant_id, _ in requests:
             await release_quietly(store, key, limits, grant_id)
 
-    async def _abandon(self, queue: _Queue, waiter: _Waiter, key: str) -> None:
+    async def _abandon(self, queue: WaiterQueue, waiter: Waiter, key: str) -> None:
         """A waiter leaves on an exception: pass its lead on, free its slot and booking."""
         future = waiter.future
         if not future.done():
@@ -408,10 +398,10 @@ class Limiter:
         elif waiter.booking is None and not future.cancelled():
             waiter.booking = future.result()
             if waiter.booking is None and not waiter.leading:
-                self._hand_on(queue)  # told to lead, gone before it could
+                queue.hand_on()  # told to lead, gone before it could
         if waiter.leading:
             waiter.leading = False
-            self._hand_on(queue)
+            queue.hand_on()
         if waiter.holds_slot:
             waiter.holds_slot = False
             self._semaphore.release()
@@ -471,45 +461,6 @@ class Limiter:
             booked_requests=snap.booked_requests,
             booked_tokens=snap.booked_tokens,
         )
-
-
-def _admitting(
-    key: str, requests: list[tuple[str, int]], lane: str
-) -> Callable[[RateStore, Limits], Awaitable[list[Decision]]]:
-    return lambda store, limits: store.admit_many(key, limits, requests, lane)
-
-
-@dataclass(frozen=True)
-class _Booking:
-    """Where and when a waiter was booked."""
-
-    store: RateStore
-    limits: Limits
-    decision: Decision
-
-
-@dataclass(eq=False)
-class _Waiter:
-    """One caller of ``acquire``; its future says "booked" or, with None, "lead now"."""
-
-    grant_id: str
-    tokens: int
-    future: asyncio.Future[_Booking | None]
-    leading: bool = False
-    holds_slot: bool = False
-    booking: _Booking | None = None
-
-
-class _Queue:
-    """The waiters of one (model, lane) in this process: at most one of them leads."""
-
-    def __init__(self) -> None:
-        self.waiters: deque[_Waiter] = deque()
-        self.led = False  # a waiter leads, or the lead passes on at a booked slot
-
-    @property
-    def waiting(self) -> int:
-        return sum(1 for waiter in self.waiters if not waiter.future.done())
 
 
 class Admission:
