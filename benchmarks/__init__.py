@@ -10,6 +10,7 @@ from __future__ import annotations
 # Section name -> module, in the order of the report.
 SECTIONS: dict[str, str] = {
     "policies": "benchmarks.policies",
+    "quota_cut": "benchmarks.quota_cut",
     "limiter": "benchmarks.limiter",
     "poller": "benchmarks.poller",
     "footprint": "benchmarks.footprint",

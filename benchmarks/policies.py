@@ -90,6 +90,8 @@ class PolicyResult:
     arrivals: int
     rejected: int
     client: CallerCounts = field(default_factory=CallerCounts)
+    # Every call the emulator judged, (seconds since the start, tokens, admitted).
+    events: list[tuple[float, int, bool]] = field(default_factory=list)
 
 
 # --- the admission policies, as each worker process runs them -------------------------
@@ -356,7 +358,10 @@ class ArrivalLog:
         quota.admit = recorded  # type: ignore[method-assign]
 
 
-async def _one_policy(name: str, redis_url: str, load: Workload) -> PolicyResult:
+async def run_policy(
+    name: str, redis_url: str, load: Workload, cut_at_s: float | None = None
+) -> PolicyResult:
+    """Run one policy; with ``cut_at_s`` the quota is halved that long after the start."""
     config = EmulatorConfig(
         rpm=load.rpm, tpm=load.tpm, window_s=load.window_s, latency_ms=load.latency_ms, seed=7
     )
@@ -392,6 +397,9 @@ async def _one_policy(name: str, redis_url: str, load: Workload) -> PolicyResult
                     raise RuntimeError("a benchmark process did not start")
             started = time.monotonic()
             go.set()
+            if cut_at_s is not None:
+                halve = (None, load.rpm // 2, load.tpm // 2)
+                asyncio.get_running_loop().call_later(cut_at_s, emulator.set_quota, *halve)
             counts = CallerCounts()
             for _ in processes:
                 calls, ok, limited, errors = await asyncio.to_thread(results.get, True, 300)
@@ -418,11 +426,12 @@ async def _one_policy(name: str, redis_url: str, load: Workload) -> PolicyResult
         arrivals=len(log.events),
         rejected=sum(1 for _, _, ok in log.events if not ok),
         client=counts,
+        events=[(at - started, tokens, ok) for at, tokens, ok in log.events],
     )
 
 
 def measure(redis_url: str, load: Workload) -> list[PolicyResult]:
-    return [asyncio.run(_one_policy(name, redis_url, load)) for name in POLICIES]
+    return [asyncio.run(run_policy(name, redis_url, load)) for name in POLICIES]
 
 
 def _table(load: Workload, results: list[PolicyResult]) -> list[str]:
