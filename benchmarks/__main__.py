@@ -150,8 +150,9 @@ def _header(started: datetime, quick: bool, names: Sequence[str], redis: str, po
             "",
             "How the figures were obtained: the limiter and poller sections report medians "
             "of repeated runs (each says how many); the admission policies report the median "
-            "over the windows of one saturated run per policy; the footprint is one run of "
-            "1,000 pipelines. This machine has 2 cores shared by the servers, the emulator "
+            "over the windows of one saturated run per policy; the quota cut is one long "
+            "run; the footprint is one run of 1,000 pipelines per configuration (calls in "
+            "flight capped, and not). This machine has 2 cores shared by the servers, the emulator "
             "and the measured processes, so absolute figures move from run to run: every "
             "ratio is measured side by side in the same run against its baseline (PING, the "
             "raw SQL loop, the same workload under another policy), and the ratios are what "

@@ -76,6 +76,9 @@ async def run_acte(
 ) -> PipelineResult:
     """OCR one acte."""
     with recording_calls() as calls:
+        # Parsing the PDF costs about as much CPU as preparing a call (half a millisecond
+        # for two pages): jobs starting together take turns at it, as their calls do.
+        await client.pace()
         pages = len(open_pdf(pdf).pages)
         name = (row.supabase_path or row.document_number or "acte").rsplit("/", 1)[-1]
         uploaded = await _upload(client, pdf, name[:120])

@@ -6,6 +6,10 @@ API reports. A 429 pauses the whole fleet for the server's delay and is retried;
 timeouts back off exponentially; everything else fails the call for good. Each call has
 a retry budget, so a sick API cannot turn into a retry storm.
 
+Every request but deletes waits for a place among the few the client starts per
+event-loop turn (``Pacer``): the SDK's CPU work per request is small, but a burst of
+hundreds of them in one turn would stall the whole process.
+
 Only ``generateContent`` is charged to the budget: Gemini's per-minute quotas count
 generate requests and their tokens, not ``countTokens`` nor the File API, so charging
 uploads and polls would waste a third of an acte's request budget. Those calls are still
@@ -19,6 +23,7 @@ import io
 import random
 import re
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -158,6 +163,52 @@ def _retry_info(exc: genai_errors.APIError) -> tuple[float | None, str | None]:
     return delay, quota_id
 
 
+class Pacer:
+    """Releases at most ``per_turn`` callers per event-loop turn; the others queue, in order.
+
+    The SDK spends about a millisecond of CPU preparing each request (pydantic conversion
+    and validation of its parameters) before the first byte leaves. Hundreds of calls let
+    go in the same turn (a burst of jobs, a batch of uploads answered together) would do
+    all that work back to back and hold the loop for the sum of it, while every timer,
+    heartbeat and socket of the process waits. Spread over turns, the same work leaves the
+    loop free in between; how many calls may be in flight does not change. One pacer
+    serves one event loop, like the client's HTTP session.
+    """
+
+    def __init__(self, per_turn: int) -> None:
+        if per_turn < 1:
+            raise ValueError("per_turn must be at least 1")
+        self._per_turn = per_turn
+        self._left = per_turn
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._refill_scheduled = False
+
+    async def turn(self) -> None:
+        """Return once this caller may start its CPU-heavy step in the current turn."""
+        loop = asyncio.get_running_loop()
+        if not self._refill_scheduled:
+            self._refill_scheduled = True
+            loop.call_soon(self._refill)
+        if self._left > 0 and not self._waiters:
+            self._left -= 1
+            return
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
+        await waiter
+
+    def _refill(self) -> None:
+        # Runs once per turn while anyone waits: the callers woken here run next turn.
+        self._left = self._per_turn
+        while self._left > 0 and self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():  # a cancelled caller gives its place up
+                waiter.set_result(None)
+                self._left -= 1
+        self._refill_scheduled = bool(self._waiters)
+        if self._refill_scheduled:
+            asyncio.get_running_loop().call_soon(self._refill)
+
+
 class GeminiClient:
     """google-genai's async client behind the fleet limiter."""
 
@@ -172,6 +223,7 @@ class GeminiClient:
         timeout_s: float = 300.0,
         max_inflight: int = 16,
         retry: RetryPolicy | None = None,
+        starts_per_turn: int = 2,
     ) -> None:
         http_options = types.HttpOptions(
             api_version="v1beta",
@@ -198,6 +250,12 @@ class GeminiClient:
         self._timeout_s = timeout_s
         self._files = asyncio.Semaphore(max_inflight)
         self._retry = retry or RetryPolicy()
+        self._pacer = Pacer(starts_per_turn)
+
+    async def pace(self) -> None:
+        """Wait for a place among this turn's starts (see ``Pacer``) before CPU-heavy work
+        of the caller's own, such as parsing a PDF."""
+        await self._pacer.turn()
 
     async def aclose(self) -> None:
         await self._client.aio.aclose()
@@ -255,6 +313,7 @@ class GeminiClient:
                     call_log.limiter_wait_s += float(getattr(grant, "wait_s", 0.0))
                     call_log.calls += 1
                     call_log.models.add(call.model)
+                await self._pacer.turn()
                 try:
                     async with asyncio.timeout(self._timeout_s):
                         response = await self._client.aio.models.generate_content(
@@ -369,6 +428,7 @@ class GeminiClient:
     async def upload_pdf(self, data: bytes, *, display_name: str) -> types.File:
         """Upload a PDF to the File API; returns once the upload is done (maybe PROCESSING)."""
         async with self._files:
+            await self._pacer.turn()
             try:
                 async with asyncio.timeout(self._timeout_s):
                     return await self._client.aio.files.upload(
@@ -401,6 +461,7 @@ class GeminiClient:
             await asyncio.sleep(interval)
             interval = min(interval * 1.5, 5.0)
             async with self._files:
+                await self._pacer.turn()
                 try:
                     async with asyncio.timeout(self._timeout_s):
                         file = await self._client.aio.files.get(name=file.name or "")
@@ -422,6 +483,7 @@ class GeminiClient:
 
     async def count_tokens(self, *, model: str, parts: Sequence[types.Part]) -> int:
         async with self._files:
+            await self._pacer.turn()
             async with asyncio.timeout(self._timeout_s):
                 result = await self._client.aio.models.count_tokens(
                     model=model, contents=[types.Content(role="user", parts=list(parts))]

@@ -188,6 +188,9 @@ async def run_index(
 ) -> PipelineResult:
     """OCR one index document."""
     with recording_calls() as calls:
+        # Parsing and splitting the PDF is CPU work of the same order as preparing calls:
+        # jobs starting together take turns at it (see ``Pacer``).
+        await client.pace()
         reader = open_pdf(pdf, max_pages=config.index_max_pages)
         pages = split_pages(reader)
         slots = asyncio.Semaphore(config.pages_in_flight)

@@ -240,6 +240,9 @@ class ScriptedClient:
         self.answers = answers
         self.calls: list[Call] = []
 
+    async def pace(self) -> None:
+        return None
+
     async def generate(self, call: Call) -> Completion:
         self.calls.append(call)
         queue = self.answers[call.kind]
