@@ -286,7 +286,7 @@ class Limiter:
                 booking = None
             if booking is None:  # this waiter leads the queue now
                 waiter.leading = True
-                booking = await self._lead(queue, key, limits, lane, waiter)
+                booking = await self._lead(queue, key, limits, model, lane, waiter)
             waiter.booking = booking
             # The slot is measured from the store's clock when it answered.
             delay = (booking.decision.value - booking.decision.now) / 1e6
@@ -318,7 +318,7 @@ class Limiter:
         )
 
     async def _lead(
-        self, queue: WaiterQueue, key: str, limits: Limits, lane: str, head: Waiter
+        self, queue: WaiterQueue, key: str, limits: Limits, model: str, lane: str, head: Waiter
     ) -> Booking:
         """Book the head and the waiters behind it that have a free slot, in one call.
 
@@ -361,9 +361,9 @@ class Limiter:
                 break
             refused = decisions[0]
             if refused.kind == budget.TOO_LARGE:
-                raise RequestTooLarge(head.tokens, used.tpm, key)
+                raise RequestTooLarge(head.tokens, used.tpm, model)
             if refused.kind == budget.DAY_EXHAUSTED:
-                raise DailyQuotaExhausted(key, used.rpd, refused.value / 1e6)
+                raise DailyQuotaExhausted(model, used.rpd, refused.value / 1e6)
             await asyncio.sleep(refused.value / 1e6)
         last = decisions[admitted - 1]
         hand_on_us = last.value - last.now
