@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import pytest
 
@@ -189,42 +189,40 @@ async def test_waiters_queued_behind_a_booking_are_booked_in_one_call(
     await nothing_leaked(limiter)
 
 
-async def test_cancelled_while_booked_together_with_the_head(
-    fast_limiter: Limiter, store: ReplyLost
-) -> None:
-    limiter = fast_limiter
+async def head_and_follower_booked_together(
+    limiter: Limiter, store: ReplyLost, follower: Callable[[Limiter], Awaitable[None]]
+) -> tuple[asyncio.Task[None], asyncio.Task[None]]:
+    """A head and one follower booked by one call whose answer is held back."""
     await limiter.report_rate_limited(model="flash", retry_after_s=0.3)
     # Booked at the end of the pause, when the lead passes on; it gives its booking back.
     first = asyncio.create_task(admit_and_release(limiter))
     await asyncio.sleep(0.05)
     store.hold = True
     head = asyncio.create_task(enter(limiter))
-    behind = asyncio.create_task(enter(limiter))
-    await store.booked.wait()  # both booked by one call whose answer never comes
+    behind = asyncio.create_task(follower(limiter))
+    await store.booked.wait()
     assert store.batches[-1] == 2
     await first
-    assert await reservations(limiter) == 2
+    return head, behind
+
+
+async def test_cancelled_while_booked_together_with_the_head(
+    fast_limiter: Limiter, store: ReplyLost
+) -> None:
+    head, behind = await head_and_follower_booked_together(fast_limiter, store, enter)
+    assert await reservations(fast_limiter) == 2
     await cancel(behind)
     await cancel(head)
     store.hold = False
-    await nothing_leaked(limiter)
+    await nothing_leaked(fast_limiter)
 
 
 async def test_followers_go_on_when_their_head_is_cancelled(
     fast_limiter: Limiter, store: ReplyLost
 ) -> None:
-    limiter = fast_limiter
-    await limiter.report_rate_limited(model="flash", retry_after_s=0.3)
-    first = asyncio.create_task(admit_and_release(limiter))
-    await asyncio.sleep(0.05)
-    store.hold = True
-    head = asyncio.create_task(enter(limiter))
-    behind = asyncio.create_task(admit_and_release(limiter))
-    await store.booked.wait()
-    assert store.batches[-1] == 2
+    head, behind = await head_and_follower_booked_together(fast_limiter, store, admit_and_release)
     store.hold = False
     await cancel(head)
     await asyncio.wait_for(behind, 5)  # it leads in turn and is booked
     assert store.batches[-1] == 1
-    await first
-    await nothing_leaked(limiter)
+    await nothing_leaked(fast_limiter)
