@@ -28,11 +28,6 @@ class MemoryRateStore:
     def state(self, model: str) -> ModelState:
         return self._states.setdefault(model, ModelState())
 
-    async def admit(
-        self, model: str, limits: Limits, grant_id: str, tokens: int, lane: str
-    ) -> Decision:
-        return budget.admit(self.state(model), limits, self._clock(), grant_id, tokens, lane)
-
     async def admit_many(
         self, model: str, limits: Limits, requests: Sequence[tuple[str, int]], lane: str
     ) -> list[Decision]:

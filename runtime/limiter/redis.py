@@ -122,12 +122,6 @@ class RedisRateStore:
         _cancel_swallowed(before)
         return list(result)
 
-    async def admit(
-        self, model: str, limits: Limits, grant_id: str, tokens: int, lane: str
-    ) -> Decision:
-        (decision,) = await self.admit_many(model, limits, [(grant_id, tokens)], lane)
-        return decision
-
     async def admit_many(
         self, model: str, limits: Limits, requests: Sequence[tuple[str, int]], lane: str
     ) -> list[Decision]:
