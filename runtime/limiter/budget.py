@@ -64,6 +64,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 PPM = 1_000_000
 DAY_US = 86_400_000_000
@@ -154,9 +155,11 @@ class Entry:
     lane: str
 
 
-@dataclass(frozen=True)
-class Decision:
-    """What the store answers to an admission: a booked slot, or how long to wait."""
+class Decision(NamedTuple):
+    """What the store answers to an admission: a booked slot, or how long to wait.
+
+    A named tuple: one is built for every admission, and a tuple is the cheapest to build.
+    """
 
     kind: int
     value: int  # ADMIT: the slot (µs); otherwise: microseconds to wait
@@ -168,8 +171,8 @@ class ModelState:
     """The limiter state of one model (one Redis hash tag)."""
 
     initialised: bool = False
-    log: list[tuple[int, str]] = field(default_factory=list)
-    grants: dict[str, Entry] = field(default_factory=dict)
+    log: list[tuple[int, str]] = field(default_factory=list)  # (slot, member), sorted
+    grants: dict[str, Entry] = field(default_factory=dict)  # by member
     requests: int = 0
     tokens: int = 0
     lane_requests: dict[str, int] = field(default_factory=dict)
@@ -227,14 +230,28 @@ def effective_limits(limits: Limits, factor: int) -> tuple[int, int]:
     return max(1, limits.rpm * factor // PPM), max(1, limits.tpm * factor // PPM)
 
 
+def member(grant_id: str, requests: int, tokens: int, lane: str) -> str:
+    """A log entry's name: the grant id, then what it holds (the script's zset member).
+
+    The script keeps the whole entry in the member, so a settle or a release names the
+    grant as it was booked. The NUL sorts entries of one slot by grant id, as here.
+    """
+    return f"{grant_id}\0{requests}:{tokens}:{lane}"
+
+
 def _add(state: ModelState, grant_id: str, entry: Entry) -> None:
-    bisect.insort(state.log, (entry.at, grant_id))
-    state.grants[grant_id] = entry
+    key = member(grant_id, entry.requests, entry.tokens, entry.lane)
+    bisect.insort(state.log, (entry.at, key))
+    state.grants[key] = entry
     state.requests += entry.requests
     state.tokens += entry.tokens
     if entry.lane:
         state.lane_requests[entry.lane] = state.lane_requests.get(entry.lane, 0) + entry.requests
         state.lane_tokens[entry.lane] = state.lane_tokens.get(entry.lane, 0) + entry.tokens
+
+
+def _unlog(state: ModelState, key: str, entry: Entry) -> None:
+    del state.log[bisect.bisect_left(state.log, (entry.at, key))]
 
 
 def _subtract(state: ModelState, entry: Entry) -> None:
@@ -386,30 +403,44 @@ def settle(
     actual: int,
     lane: str,
 ) -> int:
-    """Set a grant's tokens to ``actual``; returns the tokens charged (< 0: refunded)."""
+    """Set a grant's tokens to ``actual``; returns the tokens charged (< 0: refunded).
+
+    The grant is found as booked (one request of ``estimate`` tokens in ``lane``).
+    """
     expire(state, now, limits.window_us)
-    entry = state.grants.get(grant_id)
+    key = member(grant_id, 1, estimate, lane)
+    entry = state.grants.pop(key, None)
     if entry is not None:
-        delta = actual - entry.tokens
+        _unlog(state, key, entry)
+        delta = actual - estimate
         entry.tokens = actual
+        settled = member(grant_id, 1, actual, lane)
+        bisect.insort(state.log, (entry.at, settled))
+        state.grants[settled] = entry
         state.tokens += delta
-        if entry.lane:
-            state.lane_tokens[entry.lane] += delta
+        if lane:
+            state.lane_tokens[lane] += delta
         return delta
-    raise_id = grant_id + "+"
-    if actual <= estimate or raise_id in state.grants or not state.initialised:
+    raised = member(grant_id + "+", 0, actual - estimate, lane)
+    if actual <= estimate or not state.initialised or raised in state.grants:
         return 0  # a refund after expiry frees nothing; a repeated raise is already charged
-    _add(state, raise_id, Entry(now, 0, actual - estimate, lane))
+    _add(state, grant_id + "+", Entry(now, 0, actual - estimate, lane))
     return actual - estimate
 
 
-def release(state: ModelState, limits: Limits, now: int, grant_id: str) -> bool:
-    """Remove a reservation whose call never reached the API; False if it was not there."""
+def release(
+    state: ModelState, limits: Limits, now: int, grant_id: str, tokens: int, lane: str
+) -> bool:
+    """Remove a reservation whose call never reached the API; False if it was not there.
+
+    The grant is named as booked: one request of ``tokens`` in ``lane``.
+    """
     expire(state, now, limits.window_us)
-    entry = state.grants.pop(grant_id, None)
+    key = member(grant_id, 1, tokens, lane)
+    entry = state.grants.pop(key, None)
     if entry is None:
         return False
-    state.log.remove((entry.at, grant_id))
+    _unlog(state, key, entry)
     _subtract(state, entry)
     day = now // DAY_US
     if state.day_counts.get(day, 0) > 0:
@@ -471,10 +502,10 @@ def booked_ahead(state: ModelState, now: int) -> tuple[list[int], dict[str, list
     booked = [0, 0]
     lane_booked: dict[str, list[int]] = {}
     # Bookings ahead of now sit at the tail of the log (one horizon of it at most).
-    for at, grant_id in reversed(state.log):
+    for at, key in reversed(state.log):
         if at <= now:
             break
-        entry = state.grants[grant_id]
+        entry = state.grants[key]
         booked[0] += entry.requests
         booked[1] += entry.tokens
         if entry.lane:

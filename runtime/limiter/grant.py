@@ -125,11 +125,16 @@ class Grant:
             return
         self.released = True
         self._stats.releases += 1
-        await self._spawn(release_quietly(self._store, self._key, self._limits, self.id))
+        await self._spawn(
+            release_quietly(self._store, self._key, self._limits, self.id, self.tokens, self.lane)
+        )
 
 
-async def release_quietly(store: RateStore, key: str, limits: Limits, grant_id: str) -> None:
+async def release_quietly(
+    store: RateStore, key: str, limits: Limits, grant_id: str, tokens: int, lane: str
+) -> None:
+    """Give a booking back (as it was booked); a store out of reach lets it expire instead."""
     try:
-        await store.release(key, limits, grant_id)
+        await store.release(key, limits, grant_id, tokens, lane)
     except StoreUnavailable:
         log.info("limiter.release_lost", grant_id=grant_id)

@@ -45,11 +45,16 @@ SHARED_POOL = "default"  # the key of every model without a budget of its own
 MAX_BATCH = 64  # waiters of one queue booked in one call at most
 PROBE_S = 0.5
 _NAME = re.compile(r"^[A-Za-z0-9_.\-/]*$")
+_CHECKED: set[str] = set()  # names already found valid (a few models and lanes)
 
 
 def _check_name(kind: str, name: str) -> str:
+    if name in _CHECKED:
+        return name
     if not _NAME.fullmatch(name):
         raise ValueError(f"{kind} {name!r}: use letters, digits and _ . - / only")
+    if len(_CHECKED) < 1_000:
+        _CHECKED.add(name)
     return name
 
 
@@ -293,7 +298,7 @@ class Limiter:
             if delay > 0:
                 await asyncio.sleep(delay)
         except BaseException:
-            await self._abandon(queue, waiter, key)
+            await self._abandon(queue, waiter, key, lane)
             raise
         wait_s = loop.time() - started
         self.stats.admissions += 1
@@ -345,18 +350,22 @@ class Limiter:
                 # The answer is lost, not necessarily the bookings: give them all back.
                 self._requeue(queue, batch[1:], renew=True)
                 store = asked or self._fallback
-                await self._shielded(self._release_all(store, key, limits, requests))
+                await self._shielded(self._release_all(store, key, limits, requests, lane))
                 raise
-            admitted = sum(1 for d in decisions if d.kind == budget.ADMIT)
-            for follower, decision in zip(batch[1:admitted], decisions[1:admitted], strict=True):
-                booking = Booking(store, used, decision)
+            # The store decides in order and stops at the first request it does not admit.
+            admitted = len(decisions) - (decisions[-1].kind != budget.ADMIT)
+            for k in range(1, admitted):
+                follower = batch[k]
                 if follower.future.done():  # cancelled while it was being booked
                     self._semaphore.release()
-                    self._spawn_task(release_quietly(store, key, used, follower.grant_id))
+                    self._spawn_task(
+                        release_quietly(store, key, used, follower.grant_id, follower.tokens, lane)
+                    )
                 else:
                     follower.holds_slot = True  # the slot is the follower's from now on
-                    follower.future.set_result(booking)
-            self._requeue(queue, batch[max(1, admitted) :], renew=False)
+                    follower.future.set_result(Booking(store, used, decisions[k]))
+            if len(batch) > max(1, admitted):
+                self._requeue(queue, batch[max(1, admitted) :], renew=False)
             if admitted:
                 break
             refused = decisions[0]
@@ -385,12 +394,12 @@ class Limiter:
 
     @staticmethod
     async def _release_all(
-        store: RateStore, key: str, limits: Limits, requests: list[tuple[str, int]]
+        store: RateStore, key: str, limits: Limits, requests: list[tuple[str, int]], lane: str
     ) -> None:
-        for grant_id, _ in requests:
-            await release_quietly(store, key, limits, grant_id)
+        for grant_id, tokens in requests:
+            await release_quietly(store, key, limits, grant_id, tokens, lane)
 
-    async def _abandon(self, queue: WaiterQueue, waiter: Waiter, key: str) -> None:
+    async def _abandon(self, queue: WaiterQueue, waiter: Waiter, key: str, lane: str) -> None:
         """A waiter leaves on an exception: pass its lead on, free its slot and booking."""
         future = waiter.future
         if not future.done():
@@ -408,7 +417,9 @@ class Limiter:
         if waiter.booking is not None:
             booking = waiter.booking
             await self._shielded(
-                release_quietly(booking.store, key, booking.limits, waiter.grant_id)
+                release_quietly(
+                    booking.store, key, booking.limits, waiter.grant_id, waiter.tokens, lane
+                )
             )
 
     # -- feedback and monitoring ------------------------------------------------------
@@ -521,7 +532,7 @@ async def create_limiter(
     else:
         client = connect(redis_url, timeout_s)
         store = RedisRateStore(client, namespace, timeout_s=timeout_s)
-        registry = RedisWorkerRegistry(client, namespace)
+        registry = RedisWorkerRegistry(client, namespace, timeout_s=timeout_s)
     limiter = Limiter(
         budget,
         store=store,

@@ -39,8 +39,10 @@ class MemoryRateStore:
         state = self.state(model)
         return budget.settle(state, limits, self._clock(), grant_id, estimate, actual, lane)
 
-    async def release(self, model: str, limits: Limits, grant_id: str) -> bool:
-        return budget.release(self.state(model), limits, self._clock(), grant_id)
+    async def release(
+        self, model: str, limits: Limits, grant_id: str, tokens: int, lane: str
+    ) -> bool:
+        return budget.release(self.state(model), limits, self._clock(), grant_id, tokens, lane)
 
     async def report(self, model: str, limits: Limits, retry_after_us: int, teach: bool) -> None:
         budget.report(self.state(model), limits, self._clock(), retry_after_us, teach)

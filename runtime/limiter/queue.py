@@ -10,6 +10,7 @@ import asyncio
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from runtime.limiter.budget import Decision, Limits
 from runtime.limiter.store import RateStore
@@ -22,8 +23,7 @@ def admitting(
     return lambda store, limits: store.admit_many(key, limits, requests, lane)
 
 
-@dataclass(frozen=True)
-class Booking:
+class Booking(NamedTuple):
     """Where and when a waiter was booked."""
 
     store: RateStore

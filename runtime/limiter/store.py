@@ -23,7 +23,9 @@ class RateStore(Protocol):
         self, model: str, limits: Limits, grant_id: str, estimate: int, actual: int, lane: str
     ) -> int: ...
 
-    async def release(self, model: str, limits: Limits, grant_id: str) -> bool: ...
+    async def release(
+        self, model: str, limits: Limits, grant_id: str, tokens: int, lane: str
+    ) -> bool: ...
 
     async def report(
         self, model: str, limits: Limits, retry_after_us: int, teach: bool

@@ -34,8 +34,10 @@ class ReplyLost(MemoryRateStore):
             await asyncio.Event().wait()  # the answer never comes back
         return decisions
 
-    async def release(self, model: str, limits: Limits, grant_id: str) -> bool:
-        return await self.inner.release(model, limits, grant_id)
+    async def release(
+        self, model: str, limits: Limits, grant_id: str, tokens: int, lane: str
+    ) -> bool:
+        return await self.inner.release(model, limits, grant_id, tokens, lane)
 
     async def snapshot(self, model: str, limits: Limits):  # type: ignore[no-untyped-def]
         return await self.inner.snapshot(model, limits)

@@ -52,9 +52,9 @@ class Twin:
         lua = await self.store.call("m", self.lim, "settle", [gid, estimate, actual, lane], now=now)
         assert int(str(lua[0])) == core
 
-    async def release(self, now: int, gid: str) -> None:
-        core = budget.release(self.state, self.lim, now, gid)
-        lua = await self.store.call("m", self.lim, "release", [gid], now=now)
+    async def release(self, now: int, gid: str, tokens: int, lane: str) -> None:
+        core = budget.release(self.state, self.lim, now, gid, tokens, lane)
+        lua = await self.store.call("m", self.lim, "release", [gid, tokens, lane], now=now)
         assert (int(str(lua[0])) == 1) == core
 
     async def report(self, now: int, retry_us: int, teach: bool) -> None:
@@ -102,7 +102,8 @@ async def test_scripted_scenario_books_identically(store: RedisRateStore) -> Non
         kind, at = await twin.admit(now + n * 1000, f"g{n}", 90, "x")
         if kind == budget.ADMIT:
             await twin.settle(at + 5000, f"g{n}", 90, 40 + n, "x")
-    await twin.release(now + 30_000, "g3")
+    await twin.release(now + 30_000, "g3", 90, "x")  # settled: no longer there as booked
+    await twin.release(now + 30_000, "late", 90, "x")  # never booked
     await twin.report(now + 40_000, 200_000, True)
     await twin.report(now + 41_000, 100_000, True)  # within a quarter window: no second cut
     await twin.admit(now + 50_000, "after-pause", 10, "x")
@@ -188,7 +189,7 @@ async def test_random_scenarios_agree(store: RedisRateStore, seed: int) -> None:
             gid, estimate, lane = rng.choice(admitted)
             await twin.settle(now, gid, estimate, rng.randrange(0, 2 * estimate + 2), lane)
         elif roll < 0.9 and admitted:
-            await twin.release(now, rng.choice(admitted)[0])
+            await twin.release(now, *rng.choice(admitted))
         elif roll < 0.95:
             await twin.report(now, rng.choice([0, 100_000]), rng.random() < 0.5)
         else:

@@ -52,9 +52,11 @@ class SwitchableStore:
         self._check()
         return await self.inner.settle(model, limits, grant_id, estimate, actual, lane)
 
-    async def release(self, model: str, limits: Limits, grant_id: str) -> bool:
+    async def release(
+        self, model: str, limits: Limits, grant_id: str, tokens: int, lane: str
+    ) -> bool:
         self._check()
-        return await self.inner.release(model, limits, grant_id)
+        return await self.inner.release(model, limits, grant_id, tokens, lane)
 
     async def report(self, model: str, limits: Limits, retry_after_us: int, teach: bool) -> None:
         self._check()
