@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 
 from runtime.limiter import Budget, create_limiter
 from runtime.limiter.budget import Limits
-from runtime.limiter.redis import SCRIPT, limits_argument, model_keys
+from runtime.limiter.redis import SCRIPT, connect, limits_argument, model_keys
 from runtime.services import LocalRedis
 
 # A budget no benchmark reaches: what is measured is the cost of admitting, not waiting.
@@ -42,7 +42,7 @@ async def _latency(url: str, n: int) -> dict[str, float]:
     the limiter's Python around the call).
     """
     limiter = await create_limiter(url, UNBOUNDED, namespace="bench-latency")
-    client = aioredis.from_url(url)
+    client = connect(url)  # configured as the limiter's own client
     keys = model_keys("bench-bare", "flash")
     floor_sha = await client.script_load("return 1")
     script_sha = await client.script_load(SCRIPT)
@@ -76,7 +76,7 @@ async def _latency(url: str, n: int) -> dict[str, float]:
 
 async def _throughput(url: str, mode: str, concurrency: int, seconds: float) -> int:
     limiter = await create_limiter(url, UNBOUNDED, namespace="bench-rate", max_inflight=10_000)
-    client = aioredis.from_url(url, max_connections=concurrency + 4)
+    client = connect(url)  # configured as the limiter's own client
     done = 0
     await asyncio.sleep(0.05)
     deadline = time.monotonic() + seconds
