@@ -31,7 +31,7 @@ class Booking(NamedTuple):
     decision: Decision
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Waiter:
     """One caller of ``acquire``; its future says "booked" or, with None, "lead now"."""
 

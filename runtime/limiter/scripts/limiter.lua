@@ -127,25 +127,29 @@ end
 local rpm = math.max(1, math.floor(RPM * factor / PPM))
 local tpm = math.max(1, math.floor(TPM * factor / PPM))
 
--- Requests and tokens booked after now, in all and by lane (for reports and snapshots).
-local function booked_ahead()
-  local booked_r, booked_t, lane_booked = 0, 0, {}
-  local offset = 0
-  while st.init ~= nil do
-    local ahead = redis.call('ZRANGEBYSCORE', L, '(' .. fmt(now), '+inf', 'LIMIT', offset, 500)
-    if #ahead == 0 then break end
-    for _, m in ipairs(ahead) do
-      local r, t, l = parse(m)
-      booked_r = booked_r + r
-      booked_t = booked_t + t
-      if l ~= '' then
-        local lane = lane_booked[l] or {0, 0}
-        lane_booked[l] = {lane[1] + r, lane[2] + t}
+-- Requests and tokens booked after now, in all and by lane: only reports and
+-- snapshots need it, so only they define it.
+local booked_ahead
+if op == 'report' or op == 'snapshot' then
+  booked_ahead = function()
+    local booked_r, booked_t, lane_booked = 0, 0, {}
+    local offset = 0
+    while st.init ~= nil do
+      local ahead = redis.call('ZRANGEBYSCORE', L, '(' .. fmt(now), '+inf', 'LIMIT', offset, 500)
+      if #ahead == 0 then break end
+      for _, m in ipairs(ahead) do
+        local r, t, l = parse(m)
+        booked_r = booked_r + r
+        booked_t = booked_t + t
+        if l ~= '' then
+          local lane = lane_booked[l] or {0, 0}
+          lane_booked[l] = {lane[1] + r, lane[2] + t}
+        end
       end
+      offset = offset + #ahead
     end
-    offset = offset + #ahead
+    return booked_r, booked_t, lane_booked
   end
-  return booked_r, booked_t, lane_booked
 end
 
 local result
@@ -154,9 +158,11 @@ if op == 'admit' then
   -- budget.admit_many): the reply is kind, value for each request decided, then now.
   local lane = ARGV[4]
   local shares, share_lanes = {}, {}
-  for other, ppm in string.gmatch(SPEC, '([^,=]+)=(%d+)') do
-    shares[other] = tonumber(ppm)
-    share_lanes[#share_lanes + 1] = other
+  if SPEC ~= '' then
+    for other, ppm in string.gmatch(SPEC, '([^,=]+)=(%d+)') do
+      shares[other] = tonumber(ppm)
+      share_lanes[#share_lanes + 1] = other
+    end
   end
   local day = math.floor(now / DAY_US)
   local interval = math.floor((W + rpm - 1) / rpm)  -- the paced gap between two requests
@@ -172,93 +178,101 @@ if op == 'admit' then
     return rpm - requests - 1 >= reserve_r and tpm - charged - c >= reserve_t
   end
 
-  -- One request (budget.admit): kind, value.
-  local function admit(id, tokens, latest)
-    if lane ~= '' then
-      st['ld:' .. lane] = now
-      dirty = true
-    end
-    if tokens > TPM then return TOO_LARGE, 0 end
-    if RPD > 0 and tonumber(redis.call('HGET', D, fmt(day)) or 0) >= RPD then
-      return DAY_EXHAUSTED, (day + 1) * DAY_US - now
-    end
-    if tokens > tpm then return WAIT, math.floor(W / 4) end
-    -- Lanes that asked within the last window keep their unused share reserved.
-    local used, active = {}, {}
-    for _, other in ipairs(share_lanes) do
-      if other ~= lane and (st['ld:' .. other] or 0) > now - W then
-        used[other] = {st['lr:' .. other] or 0, st['lt:' .. other] or 0}
-        active[#active + 1] = other
-      end
-    end
-    local requests, charged = st.rq, st.tk
-    -- Tokens may run one request interval ahead of their pace.
-    local t = math.max(now, st.pu, st.tr, st.tt - interval)
-    local lane_blocked = false
-    -- Reading the log costs more than all the rest: skip it when the request fits at t
-    -- before any entry leaves the window (an entry leaving can only make more room).
-    if t - now > HORIZON or (latest and t > latest)
-        or not fits(requests, charged, tokens, used, active) then
-      local entries, i = {}, 0  -- the log read in chunks from its head
-      local function entry(k)
-        if entries[k] == nil then
-          local rows = redis.call('ZRANGE', L, k, k + 31, 'WITHSCORES')
-          for j = 1, #rows, 2 do
-            local r, c, l = parse(rows[j])
-            entries[k + (j - 1) / 2] = {tonumber(rows[j + 1]), r, c, l}
-          end
-        end
-        return entries[k]
-      end
-      while true do
-        if t - now > HORIZON then return WAIT, math.max(1000, t - now - HORIZON) end
-        if latest and t > latest then return WAIT, t - now end
-        local e = entry(i)
-        while e ~= nil and i < WALK_LIMIT and e[1] <= t - W do
-          requests = requests - e[2]
-          charged = charged - e[3]
-          if used[e[4]] ~= nil then
-            used[e[4]][1] = used[e[4]][1] - e[2]
-            used[e[4]][2] = used[e[4]][2] - e[3]
-          end
-          i = i + 1
-          e = entry(i)
-        end
-        if fits(requests, charged, tokens, used, active) then break end
-        -- Room in the whole budget, but not outside the other lanes' reserves.
-        if requests + 1 <= rpm and charged + tokens <= tpm then lane_blocked = true end
-        if e == nil or i >= WALK_LIMIT then
-          if e == nil and lane_blocked then
-            local earliest = nil
-            for _, other in ipairs(active) do
-              local seen = st['ld:' .. other]
-              if earliest == nil or seen < earliest then earliest = seen end
-            end
-            t = math.max(t, earliest + W)
-          end
-          return WAIT, math.max(1000, t - now)
-        end
-        t = math.max(t, e[1] + W)
-      end
-    end
-    if lane_blocked then return WAIT, math.max(1000, t - now) end
-    add(id, t, 1, tokens, lane)
-    st.tr = t + interval
-    st.tt = math.max(st.tt, t) + math.floor((tokens * W + tpm - 1) / tpm)
-    if redis.call('HINCRBY', D, fmt(day), 1) == 1 then
-      -- A new day: the counts of the days before are of no more use.
-      for _, other in ipairs(redis.call('HKEYS', D)) do
-        if other ~= fmt(day) then redis.call('HDEL', D, other) end
-      end
-      redis.call('EXPIRE', D, 2 * 86400)
-    end
-    return ADMIT, t
-  end
-
   result = {}
   local latest = nil
   for k = 5, #ARGV, 2 do
-    local kind, value = admit(ARGV[k], tonumber(ARGV[k + 1]), latest)
+    -- One request (budget.admit), written inline: "break" ends the repeat block with
+    -- its decision in kind, value.
+    local id, tokens = ARGV[k], tonumber(ARGV[k + 1])
+    local kind, value = WAIT, 0
+    repeat
+      if lane ~= '' then
+        st['ld:' .. lane] = now
+        dirty = true
+      end
+      if tokens > TPM then kind = TOO_LARGE; break end
+      if RPD > 0 and tonumber(redis.call('HGET', D, fmt(day)) or 0) >= RPD then
+        kind, value = DAY_EXHAUSTED, (day + 1) * DAY_US - now
+        break
+      end
+      if tokens > tpm then value = math.floor(W / 4); break end
+      -- Lanes that asked within the last window keep their unused share reserved.
+      local used, active = {}, {}
+      for _, other in ipairs(share_lanes) do
+        if other ~= lane and (st['ld:' .. other] or 0) > now - W then
+          used[other] = {st['lr:' .. other] or 0, st['lt:' .. other] or 0}
+          active[#active + 1] = other
+        end
+      end
+      -- Tokens may run one request interval ahead of their pace.
+      local t = math.max(now, st.pu, st.tr, st.tt - interval)
+      -- Reading the log costs more than all the rest: skip it when the request fits at t
+      -- before any entry leaves the window (an entry leaving can only make more room).
+      if t - now > HORIZON or (latest and t > latest)
+          or not fits(st.rq, st.tk, tokens, used, active) then
+        -- The earliest slot from t on: walk the log (read in chunks from its head)
+        -- past the entries that leave the window. Returns kind, value.
+        local function walk()
+          local requests, charged, lane_blocked = st.rq, st.tk, false
+          local entries, i = {}, 0
+          local function entry(n)
+            if entries[n] == nil then
+              local rows = redis.call('ZRANGE', L, n, n + 31, 'WITHSCORES')
+              for j = 1, #rows, 2 do
+                local r, c, l = parse(rows[j])
+                entries[n + (j - 1) / 2] = {tonumber(rows[j + 1]), r, c, l}
+              end
+            end
+            return entries[n]
+          end
+          while true do
+            if t - now > HORIZON then return WAIT, math.max(1000, t - now - HORIZON) end
+            if latest and t > latest then return WAIT, t - now end
+            local e = entry(i)
+            while e ~= nil and i < WALK_LIMIT and e[1] <= t - W do
+              requests = requests - e[2]
+              charged = charged - e[3]
+              if used[e[4]] ~= nil then
+                used[e[4]][1] = used[e[4]][1] - e[2]
+                used[e[4]][2] = used[e[4]][2] - e[3]
+              end
+              i = i + 1
+              e = entry(i)
+            end
+            if fits(requests, charged, tokens, used, active) then break end
+            -- Room in the whole budget, but not outside the other lanes' reserves.
+            if requests + 1 <= rpm and charged + tokens <= tpm then lane_blocked = true end
+            if e == nil or i >= WALK_LIMIT then
+              if e == nil and lane_blocked then
+                local earliest = nil
+                for _, other in ipairs(active) do
+                  local seen = st['ld:' .. other]
+                  if earliest == nil or seen < earliest then earliest = seen end
+                end
+                t = math.max(t, earliest + W)
+              end
+              return WAIT, math.max(1000, t - now)
+            end
+            t = math.max(t, e[1] + W)
+          end
+          if lane_blocked then return WAIT, math.max(1000, t - now) end
+          return ADMIT, t
+        end
+        kind, value = walk()
+        if kind ~= ADMIT then break end
+      end
+      add(id, t, 1, tokens, lane)
+      st.tr = t + interval
+      st.tt = math.max(st.tt, t) + math.floor((tokens * W + tpm - 1) / tpm)
+      if redis.call('HINCRBY', D, fmt(day), 1) == 1 then
+        -- A new day: the counts of the days before are of no more use.
+        for _, other in ipairs(redis.call('HKEYS', D)) do
+          if other ~= fmt(day) then redis.call('HDEL', D, other) end
+        end
+        redis.call('EXPIRE', D, 2 * 86400)
+      end
+      kind, value = ADMIT, t
+    until true
     result[#result + 1] = kind
     result[#result + 1] = value
     if kind ~= ADMIT then break end
