@@ -260,6 +260,18 @@ class Limiter:
         local = limits.divided(self._live.largest) if self._primary is not None else limits
         return self._fallback, local, await op(self._fallback, local)
 
+    async def _book(
+        self, key: str, limits: Limits, requests: list[tuple[str, int]], lane: str
+    ) -> tuple[RateStore, Limits, list[budget.Decision]]:
+        """``_decide`` for a batch of admissions, with the common case spelled out."""
+        primary = self._primary
+        if primary is not None and not self._degraded:
+            try:
+                return primary, limits, await primary.admit_many(key, limits, requests, lane)
+            except StoreUnavailable as exc:
+                self._enter_fallback(exc)
+        return await self._decide(key, limits, admitting(key, requests, lane))
+
     # -- admissions -------------------------------------------------------------------
 
     def acquire(self, tokens: int, *, model: str, lane: str = "") -> Admission:
@@ -343,9 +355,7 @@ class Limiter:
             requests = [(w.grant_id, w.tokens) for w in batch]
             asked = self._primary if self._primary is not None and not self._degraded else None
             try:
-                store, used, decisions = await self._decide(
-                    key, limits, admitting(key, requests, lane)
-                )
+                store, used, decisions = await self._book(key, limits, requests, lane)
             except BaseException:
                 # The answer is lost, not necessarily the bookings: give them all back.
                 self._requeue(queue, batch[1:], renew=True)
@@ -482,11 +492,10 @@ class Admission:
         self._tokens = tokens
         self._model = model
         self._lane = lane
-        self.grant: Grant | None = None
 
-    async def __aenter__(self) -> Grant:
-        self.grant = await self._limiter._admit(self._tokens, self._model, self._lane)
-        return self.grant
+    def __aenter__(self) -> Awaitable[Grant]:
+        # The admission itself, handed to ``async with`` without a coroutine around it.
+        return self._limiter._admit(self._tokens, self._model, self._lane)
 
     async def __aexit__(
         self,
