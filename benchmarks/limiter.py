@@ -130,8 +130,8 @@ def _fleet(url: str, mode: str, processes: int, amount: int, seconds: float) -> 
 
 # Commands the script runs inside Redis; INFO counts them as well as the EVALSHA.
 _SCRIPT_INTERNAL = {
-    "hgetall", "zadd", "hset", "zrangebyscore", "hmget", "zrem", "hdel", "zrange", "hget",
-    "hincrby", "expire", "pexpire", "del", "hexists", "time",
+    "time", "get", "set", "del", "zadd", "zrangebyscore", "zremrangebyrank", "zrange",
+    "zscore", "zrem", "pexpire", "hget", "hincrby", "hkeys", "hdel", "expire",
 }  # fmt: skip
 
 

@@ -13,7 +13,7 @@ import redis.asyncio as aioredis
 
 from runtime.limiter import budget
 from runtime.limiter.budget import Budget, Limits, ModelState
-from runtime.limiter.redis import RedisRateStore
+from runtime.limiter.redis import RedisRateStore, model_keys
 
 T0 = 1_700_000_000_000_000
 W = 1_000_000
@@ -195,3 +195,22 @@ async def test_random_scenarios_agree(store: RedisRateStore, seed: int) -> None:
         else:
             await twin.compare_snapshots(now)
     await twin.compare_snapshots(now)
+
+
+async def test_state_never_outlives_the_log(store: RedisRateStore) -> None:
+    """The state counts the log's entries: were it left alone, those counts would stay."""
+    state_key, log_key, _ = model_keys("twin", "ttl")
+    lim = limits()
+    client = store.client
+    # Long after the seed's phantom entries left: the admission creates the log.
+    await store.call("ttl", lim, "admit", ["", "a", 10], now=T0)
+    now = T0 + 2 * W
+    await store.call("ttl", lim, "admit", ["", "only", 10], now=now)
+    # Settling the log's only entry replaces it without emptying (and so dropping) the log.
+    await store.call("ttl", lim, "settle", ["only", 10, 4, ""], now=now + 1_000)
+    assert await client.zcard(log_key) == 1
+    for step in range(1, 8):  # every 0.3 window: the log's TTL is refreshed every other call
+        await store.call("ttl", lim, "admit", ["", f"g{step}", 10], now=now + step * 300_000)
+        log_ms = await client.pttl(log_key)
+        state_ms = await client.pttl(state_key)  # read second: a later clock, if anything
+        assert 0 < state_ms < log_ms, step

@@ -285,8 +285,8 @@ elseif op == 'settle' then
   local booked = member(id, 1, estimate, lane)
   local at = st.init ~= nil and redis.call('ZSCORE', L, booked)
   if at then
+    redis.call('ZADD', L, at, member(id, 1, actual, lane))  -- first: the log never empties
     redis.call('ZREM', L, booked)
-    redis.call('ZADD', L, at, member(id, 1, actual, lane))
     st.tk = st.tk + actual - estimate
     if lane ~= '' then st['lt:' .. lane] = st['lt:' .. lane] + actual - estimate end
     dirty = true
@@ -346,14 +346,16 @@ else
 end
 
 -- Every key outlives its last entry by at least half a window: a slot is booked up to
--- HORIZON ahead and counts for W after it. The state's TTL is set with each write, the
--- log's every half window (or at once when this call created it), not on every call.
+-- HORIZON ahead and counts for W after it. The log's TTL is refreshed every half window
+-- (st.xp), or at once when this call created it, not on every call; the state, which
+-- counts the log's entries, expires at the same moment (never after the log).
 if dirty then
-  local ttl = math.floor((HORIZON + 2 * W + 999) / 1000)
+  local ttl = HORIZON + 2 * W
   if log_created or now - st.xp >= math.floor(W / 2) then
     st.xp = now
-    redis.call('PEXPIRE', L, ttl)
+    redis.call('PEXPIRE', L, math.floor((ttl + 999) / 1000))
   end
-  redis.call('SET', S, cmsgpack.pack(st), 'PX', ttl)
+  local left_ms = math.max(1, math.floor((st.xp + ttl - now) / 1000) - 1)  -- 1 ms early
+  redis.call('SET', S, cmsgpack.pack(st), 'PX', left_ms)
 end
 return result
