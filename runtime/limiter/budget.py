@@ -10,7 +10,10 @@ tokens at once, all or nothing.
 
 * The log holds one entry per admission (time, requests, tokens, lane) and running
   totals. Entries at or before ``now - W`` leave the log from its head, so each admission
-  costs amortised O(1).
+  costs amortised O(1). They leave lazily: when a request does not fit at once, and at
+  least every half window (which bounds the log). Until then the totals still count
+  them, which only makes the check stricter, and a request that fits with them counted
+  fits without them at the same slot: the decisions are those of an eager expiry.
 * Pacing (GCRA): after an admission at ``t`` of ``c`` tokens, the next request may start
   at ``t + ceil(W / rpm)`` (tau = 0) and once the token schedule, advanced by
   ``ceil(c * W / tpm)``, is less than one request interval ahead. Admissions therefore
@@ -185,6 +188,7 @@ class ModelState:
     factor_at: int = 0  # when a quota 429 last taught; 0: never
     ceiling_ppm: int = 0  # the factor that met the last quota 429 while climbing; 0: none
     day_counts: dict[int, int] = field(default_factory=dict)
+    expired_at: int = 0  # when entries last left the log
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -278,6 +282,7 @@ def seed(state: ModelState, now: int, limits: Limits) -> None:
 
 
 def expire(state: ModelState, now: int, window_us: int) -> None:
+    state.expired_at = now
     cutoff = now - window_us
     gone = 0
     while gone < len(state.log) and state.log[gone][0] <= cutoff:
@@ -286,13 +291,34 @@ def expire(state: ModelState, now: int, window_us: int) -> None:
     del state.log[:gone]
 
 
-def _reserve(shares: dict[str, int], used: dict[str, list[int]], rpm: int, tpm: int) -> list[int]:
-    """Unused guaranteed share of the other active lanes, in requests and tokens."""
-    reserve = [0, 0]
-    for lane, (requests, tokens) in used.items():
-        reserve[0] += max(0, shares[lane] * rpm // PPM - requests)
-        reserve[1] += max(0, shares[lane] * tpm // PPM - tokens)
-    return reserve
+def _lanes_in_use(
+    state: ModelState, shares: dict[str, int], lane: str, now: int, w: int
+) -> dict[str, list[int]]:
+    """The other lanes that asked within the last window: they keep their unused share."""
+    return {
+        other: [state.lane_requests.get(other, 0), state.lane_tokens.get(other, 0)]
+        for other in shares
+        if other != lane and state.lane_demand.get(other, 0) > now - w
+    }
+
+
+def _fits(
+    requests: int,
+    charged: int,
+    tokens: int,
+    shares: dict[str, int],
+    used: dict[str, list[int]],
+    rpm: int,
+    tpm: int,
+) -> bool:
+    """Room for one request of ``tokens`` beside the unused shares of the lanes in use."""
+    if requests + 1 > rpm or charged + tokens > tpm:
+        return False
+    reserve_r = reserve_t = 0
+    for lane, (lane_requests, lane_tokens) in used.items():
+        reserve_r += max(0, shares[lane] * rpm // PPM - lane_requests)
+        reserve_t += max(0, shares[lane] * tpm // PPM - lane_tokens)
+    return rpm - requests - 1 >= reserve_r and tpm - charged - tokens >= reserve_t
 
 
 def admit(
@@ -311,7 +337,8 @@ def admit(
     w = limits.window_us
     if not state.initialised:
         seed(state, now, limits)
-    expire(state, now, w)
+    if now - state.expired_at >= w // 2:  # expiry is lazy: see the module docstring
+        expire(state, now, w)
     if lane:
         state.lane_demand[lane] = now
     if tokens > limits.tpm:
@@ -323,47 +350,49 @@ def admit(
     if tokens > tpm:
         return Decision(WAIT, w // 4, now)  # the factor climbs back by then
     shares = dict(limits.shares)
-    # Lanes that asked within the last window keep their unused share reserved.
-    used = {
-        other: [state.lane_requests.get(other, 0), state.lane_tokens.get(other, 0)]
-        for other in shares
-        if other != lane and state.lane_demand.get(other, 0) > now - w
-    }
-    requests, charged = state.requests, state.tokens
+    used = _lanes_in_use(state, shares, lane, now, w)
     # Tokens may run one request interval ahead of their pace, so that uneven request
     # sizes average out instead of each large one stalling the next small ones.
     tolerance = ceil_div(w, rpm)
     t = max(now, state.pause_until, state.tat_requests, state.tat_tokens - tolerance)
-    i = 0
-    lane_blocked = False
-    while True:
-        if t - now > limits.horizon:
-            return Decision(WAIT, max(1000, t - now - limits.horizon), now)
-        if latest is not None and t > latest:
-            return Decision(WAIT, t - now, now)
-        while i < len(state.log) and i < WALK_LIMIT and state.log[i][0] <= t - w:
-            entry = state.grants[state.log[i][1]]
-            requests -= entry.requests
-            charged -= entry.tokens
-            if entry.lane in used:
-                used[entry.lane][0] -= entry.requests
-                used[entry.lane][1] -= entry.tokens
-            i += 1
-        if requests + 1 <= rpm and charged + tokens <= tpm:
-            reserve = _reserve(shares, used, rpm, tpm)
-            if rpm - requests - 1 >= reserve[0] and tpm - charged - tokens >= reserve[1]:
+    if (
+        t - now > limits.horizon
+        or (latest is not None and t > latest)
+        or not _fits(state.requests, state.tokens, tokens, shares, used, rpm, tpm)
+    ):
+        # Not at once: drop what left the window, then walk the log from its head.
+        expire(state, now, w)
+        used = _lanes_in_use(state, shares, lane, now, w)
+        requests, charged = state.requests, state.tokens
+        i = 0
+        lane_blocked = False
+        while True:
+            if t - now > limits.horizon:
+                return Decision(WAIT, max(1000, t - now - limits.horizon), now)
+            if latest is not None and t > latest:
+                return Decision(WAIT, t - now, now)
+            while i < len(state.log) and i < WALK_LIMIT and state.log[i][0] <= t - w:
+                entry = state.grants[state.log[i][1]]
+                requests -= entry.requests
+                charged -= entry.tokens
+                if entry.lane in used:
+                    used[entry.lane][0] -= entry.requests
+                    used[entry.lane][1] -= entry.tokens
+                i += 1
+            if _fits(requests, charged, tokens, shares, used, rpm, tpm):
                 break
-            lane_blocked = True
-        if i >= len(state.log) or i >= WALK_LIMIT:
-            if i >= len(state.log) and lane_blocked:
-                # Only other lanes' reserves block: they lapse when those lanes go quiet.
-                t = max(t, min(state.lane_demand[other] for other in used) + w)
+            if requests + 1 <= rpm and charged + tokens <= tpm:
+                lane_blocked = True  # room in the budget, not beside the lanes' reserves
+            if i >= len(state.log) or i >= WALK_LIMIT:
+                if i >= len(state.log) and lane_blocked:
+                    # Only other lanes' reserves block: they lapse when those lanes go quiet.
+                    t = max(t, min(state.lane_demand[other] for other in used) + w)
+                return Decision(WAIT, max(1000, t - now), now)
+            t = max(t, state.log[i][0] + w)
+        if lane_blocked:
+            # The global budget had room earlier: booking later would push the pacing
+            # past the lanes that hold the reserve, so ask again when this lane fits.
             return Decision(WAIT, max(1000, t - now), now)
-        t = max(t, state.log[i][0] + w)
-    if lane_blocked:
-        # The global budget had room earlier: booking later would push the pacing past
-        # the lanes that hold the reserve, so ask again when this lane fits instead.
-        return Decision(WAIT, max(1000, t - now), now)
     _add(state, grant_id, Entry(t, 1, tokens, lane))
     state.tat_requests = t + ceil_div(w, rpm)
     state.tat_tokens = max(state.tat_tokens, t) + ceil_div(tokens * w, tpm)

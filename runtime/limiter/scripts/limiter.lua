@@ -31,8 +31,8 @@ local KNEE_PPM, SLOW_WINDOWS, RECOVERY_WINDOWS = 800000, 20, 40
 local PHANTOM_ENTRIES, WALK_LIMIT, BATCH_SPAN_US = 100, 128, 10000
 local ADMIT, WAIT, TOO_LARGE, DAY_EXHAUSTED = 0, 1, 2, 3
 
--- The state: integers by name (rq tk tr tt pu fa fp fc xp init, and per lane lr: lt:
--- ld:), read in one piece and written back in one piece when changed. A seeded state
+-- The state: integers by name (rq tk tr tt pu fa fp fc xe xp init, and per lane lr:
+-- lt: ld:), read in one piece and written back in one piece when changed. A seeded state
 -- holds every field but the lanes'.
 local packed = redis.call('GET', S)
 local st = packed and cmsgpack.unpack(packed) or {}
@@ -77,7 +77,8 @@ end
 -- admission or a report; the other operations find nothing to change.
 if st.init == nil and (op == 'admit' or op == 'report') then
   redis.call('DEL', L)
-  st = {init = 1, rq = 0, tk = 0, tr = now, tt = now, pu = 0, fa = 0, fp = 0, fc = 0, xp = 0}
+  st = {init = 1, rq = 0, tk = 0, tr = now, tt = now, pu = 0, fa = 0, fp = 0, fc = 0, xe = 0,
+    xp = 0}
   local n = math.min(RPM, PHANTOM_ENTRIES)
   for k = 1, n do
     local at = now - W + math.floor((k * W + n - 1) / n)
@@ -88,9 +89,12 @@ if st.init == nil and (op == 'admit' or op == 'report') then
 end
 
 -- Expiry: entries leave the log from its head, in score order, so ZREMRANGEBYRANK
--- removes exactly the entries just read.
-if st.init ~= nil then
+-- removes exactly the entries just read. An admission expires lazily (budget.py): when
+-- its request does not fit at once, and at least every half window.
+local function expire()
   local cutoff = fmt(now - W)
+  st.xe = now
+  dirty = true
   while true do
     local gone = redis.call('ZRANGEBYSCORE', L, '-inf', cutoff, 'LIMIT', 0, 500)
     for _, m in ipairs(gone) do subtract(parse(m)) end
@@ -98,6 +102,7 @@ if st.init ~= nil then
     if #gone < 500 then break end
   end
 end
+if st.init ~= nil and (op ~= 'admit' or now - st.xe >= math.floor(W / 2)) then expire() end
 
 -- The budget factor in force (budget.effective_factor): cut by quota 429s, climbing
 -- back when quiet, fast up to the knee, slowly to the ceiling, fast again above it.
@@ -167,6 +172,18 @@ if op == 'admit' then
   local day = math.floor(now / DAY_US)
   local interval = math.floor((W + rpm - 1) / rpm)  -- the paced gap between two requests
 
+  -- Lanes that asked within the last window keep their unused share reserved.
+  local function lanes_in_use()
+    local used, active = {}, {}
+    for _, other in ipairs(share_lanes) do
+      if other ~= lane and (st['ld:' .. other] or 0) > now - W then
+        used[other] = {st['lr:' .. other] or 0, st['lt:' .. other] or 0}
+        active[#active + 1] = other
+      end
+    end
+    return used, active
+  end
+
   -- Room for one request of c tokens beside the other active lanes' unused shares.
   local function fits(requests, charged, c, used, active)
     if requests + 1 > rpm or charged + c > tpm then return false end
@@ -196,23 +213,18 @@ if op == 'admit' then
         break
       end
       if tokens > tpm then value = math.floor(W / 4); break end
-      -- Lanes that asked within the last window keep their unused share reserved.
-      local used, active = {}, {}
-      for _, other in ipairs(share_lanes) do
-        if other ~= lane and (st['ld:' .. other] or 0) > now - W then
-          used[other] = {st['lr:' .. other] or 0, st['lt:' .. other] or 0}
-          active[#active + 1] = other
-        end
-      end
+      local used, active = lanes_in_use()
       -- Tokens may run one request interval ahead of their pace.
       local t = math.max(now, st.pu, st.tr, st.tt - interval)
       -- Reading the log costs more than all the rest: skip it when the request fits at t
       -- before any entry leaves the window (an entry leaving can only make more room).
       if t - now > HORIZON or (latest and t > latest)
           or not fits(st.rq, st.tk, tokens, used, active) then
-        -- The earliest slot from t on: walk the log (read in chunks from its head)
-        -- past the entries that leave the window. Returns kind, value.
+        -- Not at once: drop what left the window, then find the earliest slot from t on
+        -- by walking the log (read in chunks from its head). Returns kind, value.
         local function walk()
+          expire()
+          used, active = lanes_in_use()
           local requests, charged, lane_blocked = st.rq, st.tk, false
           local entries, i = {}, 0
           local function entry(n)
