@@ -66,11 +66,30 @@ class Usage:
 
 
 class Grant:
-    """An admitted request: settle it with the real usage, or release it if never sent."""
+    """An admitted request: settle it with the real usage, or release it if never sent.
+
+    One is built for every admission: slots and positional arguments keep that cheap.
+    """
+
+    __slots__ = (
+        "_key",
+        "_limits",
+        "_spawn",
+        "_stats",
+        "_store",
+        "actual_tokens",
+        "id",
+        "lane",
+        "model",
+        "released",
+        "shared",
+        "slot",
+        "tokens",
+        "wait_s",
+    )
 
     def __init__(
         self,
-        *,
         grant_id: str,
         model: str,
         key: str,

@@ -320,18 +320,18 @@ class Limiter:
         if not shared and self._primary is not None:
             self.stats.fallback_admissions += 1
         return Grant(
-            grant_id=waiter.grant_id,
-            model=model,
-            key=key,
-            lane=lane,
-            tokens=tokens,
-            wait_s=wait_s,
-            slot=booking.decision.value / 1e6,
-            shared=shared,
-            store=booking.store,
-            limits=booking.limits,
-            stats=self.stats,
-            spawn=self._shielded,
+            waiter.grant_id,
+            model,
+            key,
+            lane,
+            tokens,
+            wait_s,
+            booking.decision.value / 1e6,  # the slot
+            shared,
+            booking.store,
+            booking.limits,
+            self.stats,
+            self._shielded,
         )
 
     async def _lead(
