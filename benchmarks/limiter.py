@@ -131,7 +131,7 @@ def _fleet(url: str, mode: str, processes: int, amount: int, seconds: float) -> 
 # Commands the script runs inside Redis; INFO counts them as well as the EVALSHA.
 _SCRIPT_INTERNAL = {
     "time", "get", "set", "del", "zadd", "zrangebyscore", "zremrangebyrank", "zrange",
-    "zscore", "zrem", "pexpire", "hget", "hincrby", "hkeys", "hdel", "expire",
+    "zscore", "zrem", "pexpire",
 }  # fmt: skip
 
 

@@ -187,7 +187,8 @@ class ModelState:
     factor_ppm: int = PPM
     factor_at: int = 0  # when a quota 429 last taught; 0: never
     ceiling_ppm: int = 0  # the factor that met the last quota 429 while climbing; 0: none
-    day_counts: dict[int, int] = field(default_factory=dict)
+    day: int = 0  # the day (UTC, since the epoch) that day_requests counts
+    day_requests: int = 0
     expired_at: int = 0  # when entries last left the log
 
 
@@ -266,10 +267,14 @@ def _subtract(state: ModelState, entry: Entry) -> None:
         state.lane_tokens[entry.lane] -= entry.tokens
 
 
+def requests_on(state: ModelState, day: int) -> int:
+    """Requests admitted on ``day``: the state counts the current day only."""
+    return state.day_requests if state.day == day else 0
+
+
 def seed(state: ModelState, now: int, limits: Limits) -> None:
     """Start a lost state as if the past window had been used in full at the paced rate."""
     fresh = ModelState(initialised=True, tat_requests=now, tat_tokens=now)
-    fresh.day_counts = state.day_counts  # the daily count lives apart and survives
     state.__dict__.update(fresh.__dict__)
     rpm, tpm = effective_limits(limits, PPM)
     n = min(rpm, PHANTOM_ENTRIES)
@@ -344,7 +349,7 @@ def admit(
     if tokens > limits.tpm:
         return Decision(TOO_LARGE, 0, now)
     day = now // DAY_US
-    if limits.rpd > 0 and state.day_counts.get(day, 0) >= limits.rpd:
+    if limits.rpd > 0 and requests_on(state, day) >= limits.rpd:
         return Decision(DAY_EXHAUSTED, (day + 1) * DAY_US - now, now)
     rpm, tpm = effective_limits(limits, effective_factor(state, now, w))
     if tokens > tpm:
@@ -396,7 +401,8 @@ def admit(
     _add(state, grant_id, Entry(t, 1, tokens, lane))
     state.tat_requests = t + ceil_div(w, rpm)
     state.tat_tokens = max(state.tat_tokens, t) + ceil_div(tokens * w, tpm)
-    state.day_counts[day] = state.day_counts.get(day, 0) + 1
+    state.day_requests = requests_on(state, day) + 1
+    state.day = day
     return Decision(ADMIT, t, now)
 
 
@@ -471,9 +477,8 @@ def release(
         return False
     _unlog(state, key, entry)
     _subtract(state, entry)
-    day = now // DAY_US
-    if state.day_counts.get(day, 0) > 0:
-        state.day_counts[day] -= 1
+    if state.day == now // DAY_US and state.day_requests > 0:
+        state.day_requests -= 1
     return True
 
 
@@ -558,7 +563,7 @@ def snapshot(state: ModelState, limits: Limits, now: int) -> Snapshot:
         state.tokens - booked[1],
         effective_factor(state, now, limits.window_us),
         state.pause_until,
-        state.day_counts.get(now // DAY_US, 0),
+        requests_on(state, now // DAY_US),
         lanes,
         booked[0],
         booked[1],

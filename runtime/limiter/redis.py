@@ -200,7 +200,7 @@ def limits_argument(limits: Limits) -> bytes:
 @functools.lru_cache(maxsize=256)
 def model_keys(namespace: str, model: str) -> tuple[str, ...]:
     tag = f"{{{namespace}:{model}}}"
-    return (f"{tag}:admission", f"{tag}:bookings", f"{tag}:days")
+    return (f"{tag}:admission", f"{tag}:bookings")
 
 
 class RedisRateStore:

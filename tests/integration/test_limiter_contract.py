@@ -167,6 +167,19 @@ async def test_daily_budget_raises_a_transient_error(make_limiter: MakeLimiter) 
     assert limiter.inflight == 0
 
 
+async def test_the_day_count_outlives_an_idle_spell(make_limiter: MakeLimiter) -> None:
+    """Idle for longer than the window state lives, the day's requests still count."""
+    limiter = await make_limiter(Budget(rpm=50, tpm=20_000, window_s=0.1), rpd=2)
+    for _ in range(2):
+        async with limiter.acquire(1, model="flash"):
+            pass
+    await asyncio.sleep(0.6)  # three windows and more: the window's own state is long stale
+    with pytest.raises(DailyQuotaExhausted):
+        async with limiter.acquire(1, model="flash"):
+            pass
+    assert (await limiter.usage(model="flash")).requests_today == 2
+
+
 async def test_semaphore_bounds_calls_in_flight(make_limiter: MakeLimiter) -> None:
     limiter = await make_limiter(max_inflight=2)
     peak = 0

@@ -199,7 +199,7 @@ async def test_random_scenarios_agree(store: RedisRateStore, seed: int) -> None:
 
 async def test_state_never_outlives_the_log(store: RedisRateStore) -> None:
     """The state counts the log's entries: were it left alone, those counts would stay."""
-    state_key, log_key, _ = model_keys("twin", "ttl")
+    state_key, log_key = model_keys("twin", "ttl")
     lim = limits()
     client = store.client
     # Long after the seed's phantom entries left: the admission creates the log.

@@ -3,8 +3,7 @@
 -- exactness argument). Times are integer microseconds from Redis TIME.
 --
 -- KEYS: 1 state (a MessagePack map of integers), 2 log zset (score = slot, member =
---       budget.member: the grant id, a NUL, then "requests:tokens:lane"),
---       3 daily counts hash (day -> requests)
+--       budget.member: the grant id, a NUL, then "requests:tokens:lane")
 -- ARGV: 1 op, 2 now_us ('' = Redis TIME; a number only in tests),
 --       3 limits: window_us, rpm, tpm, rpd, horizon_us as big-endian int64, then the lane
 --       shares as text "lane=ppm,...", 4.. op arguments
@@ -12,7 +11,7 @@
 -- The script runs on every admission, and its own work costs as much as its Redis
 -- calls: what is common to all operations (seed, expiry, the budget factor) runs once
 -- at the top, each operation's code sits in its branch, and functions are few.
-local S, L, D = KEYS[1], KEYS[2], KEYS[3]
+local S, L = KEYS[1], KEYS[2]
 local op = ARGV[1]
 local now
 if ARGV[2] ~= '' then
@@ -31,8 +30,8 @@ local KNEE_PPM, SLOW_WINDOWS, RECOVERY_WINDOWS = 800000, 20, 40
 local PHANTOM_ENTRIES, WALK_LIMIT, BATCH_SPAN_US = 100, 128, 10000
 local ADMIT, WAIT, TOO_LARGE, DAY_EXHAUSTED = 0, 1, 2, 3
 
--- The state: integers by name (rq tk tr tt pu fa fp fc xe xp init, and per lane lr:
--- lt: ld:), read in one piece and written back in one piece when changed. A seeded state
+-- The state: integers by name (rq tk tr tt pu fa fp fc xe xp init, dy and dc: the day
+-- and its requests, and per lane lr: lt: ld:), read in one piece and written back in one piece when changed. A seeded state
 -- holds every field but the lanes'.
 local packed = redis.call('GET', S)
 local st = packed and cmsgpack.unpack(packed) or {}
@@ -208,7 +207,7 @@ if op == 'admit' then
         dirty = true
       end
       if tokens > TPM then kind = TOO_LARGE; break end
-      if RPD > 0 and tonumber(redis.call('HGET', D, fmt(day)) or 0) >= RPD then
+      if RPD > 0 and st.dy == day and st.dc >= RPD then
         kind, value = DAY_EXHAUSTED, (day + 1) * DAY_US - now
         break
       end
@@ -276,13 +275,8 @@ if op == 'admit' then
       add(id, t, 1, tokens, lane)
       st.tr = t + interval
       st.tt = math.max(st.tt, t) + math.floor((tokens * W + tpm - 1) / tpm)
-      if redis.call('HINCRBY', D, fmt(day), 1) == 1 then
-        -- A new day: the counts of the days before are of no more use.
-        for _, other in ipairs(redis.call('HKEYS', D)) do
-          if other ~= fmt(day) then redis.call('HDEL', D, other) end
-        end
-        redis.call('EXPIRE', D, 2 * 86400)
-      end
+      if st.dy ~= day then st.dy, st.dc = day, 0 end
+      st.dc = st.dc + 1
       kind, value = ADMIT, t
     until true
     result[#result + 1] = kind
@@ -317,8 +311,7 @@ elseif op == 'release' then
     result = {0, now}
   else
     subtract(1, tokens, lane)
-    local day = fmt(math.floor(now / DAY_US))
-    if tonumber(redis.call('HGET', D, day) or 0) > 0 then redis.call('HINCRBY', D, day, -1) end
+    if st.dy == math.floor(now / DAY_US) and st.dc > 0 then st.dc = st.dc - 1 end
     result = {1, now}
   end
 elseif op == 'report' then
@@ -339,7 +332,7 @@ elseif op == 'report' then
   end
   result = {0, now}
 elseif op == 'snapshot' then
-  local today = tonumber(redis.call('HGET', D, fmt(math.floor(now / DAY_US))) or 0)
+  local today = st.dy == math.floor(now / DAY_US) and st.dc or 0
   -- Bookings ahead of now count apart from the window (now - W, now].
   local booked_r, booked_t, lane_booked = booked_ahead()
   result = {now, (st.rq or 0) - booked_r, (st.tk or 0) - booked_t, factor, st.pu or 0, today,
@@ -360,14 +353,15 @@ end
 -- Every key outlives its last entry by at least half a window: a slot is booked up to
 -- HORIZON ahead and counts for W after it. The log's TTL is refreshed every half window
 -- (st.xp), or at once when this call created it, not on every call; the state, which
--- counts the log's entries, expires at the same moment (never after the log).
+-- counts the log's entries, expires at the same moment (never after the log). Both last
+-- at least to the end of the day, for the state counts the day's requests.
 if dirty then
-  local ttl = HORIZON + 2 * W
-  if log_created or now - st.xp >= math.floor(W / 2) then
-    st.xp = now
-    redis.call('PEXPIRE', L, math.floor((ttl + 999) / 1000))
-  end
-  local left_ms = math.max(1, math.floor((st.xp + ttl - now) / 1000) - 1)  -- 1 ms early
+  local refresh = log_created or now - st.xp >= math.floor(W / 2)
+  if refresh then st.xp = now end
+  local day_end = (math.floor(st.xp / DAY_US) + 1) * DAY_US
+  local expires = math.max(st.xp + HORIZON + 2 * W, day_end)
+  if refresh then redis.call('PEXPIRE', L, math.floor((expires - now + 999) / 1000)) end
+  local left_ms = math.max(1, math.floor((expires - now) / 1000) - 1)  -- 1 ms early
   redis.call('SET', S, cmsgpack.pack(st), 'PX', left_ms)
 end
 return result
