@@ -43,10 +43,13 @@ async def _latency(url: str, n: int) -> dict[str, float]:
     """
     limiter = await create_limiter(url, UNBOUNDED, namespace="bench-latency")
     client = connect(url)  # configured as the limiter's own client
+    default = aioredis.from_url(url)  # redis-py as it comes (a 5 s socket timeout)
     keys = model_keys("bench-bare", "flash")
     floor_sha = await client.script_load("return 1")
     script_sha = await client.script_load(SCRIPT)
-    samples: dict[str, list[float]] = {"admit": [], "ping": [], "bare": [], "floor": []}
+    samples: dict[str, list[float]] = {
+        "admit": [], "ping": [], "bare": [], "floor": [], "default": [],
+    }  # fmt: skip
 
     async def timed(name: str, call: Awaitable[object], record: bool) -> None:
         t0 = time.perf_counter()
@@ -62,10 +65,12 @@ async def _latency(url: str, n: int) -> dict[str, float]:
         if record:
             samples["admit"].append(t1 - t0)
         await timed("ping", client.ping(), record)
+        await timed("default", default.ping(), record)
         args = ("admit", "", limits_argument(Limits.of(UNBOUNDED)), "", f"b{i}", 10)
         await timed("bare", client.evalsha(script_sha, len(keys), *keys, *args), record)
         await timed("floor", client.evalsha(floor_sha, len(keys), *keys, *args), record)
     await client.aclose()
+    await default.aclose()
     await limiter.aclose()
     return {
         f"{name}_{label}": _percentile(values, q) * 1e6
@@ -184,6 +189,9 @@ def _measure(url: str, quick: bool) -> str:
         "",
         f"Local Redis, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; medians of "
         f"{repeats} run(s). One admission = one EVALSHA (plus one per settle that differs).",
+        "PING, the bare script and `return 1` go through a client configured as the "
+        "limiter's own (`runtime.limiter.redis.connect`: no socket timeout, commands packed "
+        "by hiredis); the breakdown's first row is a PING from redis-py with its defaults.",
         "",
         "| measure | limiter | PING | ratio |",
         "|---|---|---|---|",
@@ -193,6 +201,7 @@ def _measure(url: str, quick: bool) -> str:
         f"{lat['admit_p99'] / lat['ping_p99']:.2f}x |",
     ]
     steps = [
+        ("PING from redis-py with its default settings (for reference)", "default"),
         ("PING", "ping"),
         ("EVALSHA of `return 1`, same keys and arguments", "floor"),
         ("the limiter's script, bare EVALSHA from redis-py", "bare"),
@@ -227,8 +236,28 @@ def _measure(url: str, quick: bool) -> str:
         f"| 30 | {n30} | {cpa30:.2f} | {ex30:.1f} |",
         f"| 300 | {n300} | {cpa300:.2f} | {ex300:.1f} |",
         "",
+        _verdicts(lat, rates, (cpa30, cpa300)),
+        "",
     ]
     return "\n".join(lines)
+
+
+def _verdicts(
+    lat: dict[str, float], rates: dict[tuple[str, int], float], per_admission: tuple[float, float]
+) -> str:
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "missed"
+
+    latency = lat["admit_p50"] / lat["ping_p50"]
+    rate = min(rates[("admit", n)] / rates[("ping", n)] for n in (1, 4))
+    spread = abs(per_admission[0] - per_admission[1])
+    return (
+        f"Targets: latency p50 **{latency:.2f}x** PING (1.5x: {verdict(latency <= 1.5)}); "
+        f"admissions per second at least **{rate:.2f}x** PINGs (0.4x: {verdict(rate >= 0.4)}); "
+        f"commands sent per admission **{max(per_admission):.2f}** at most, "
+        f"{spread:.2f} apart for 30 and 300 waiters "
+        f"(at most 3, the same: {verdict(max(per_admission) <= 3 and spread <= 0.25)})."
+    )
 
 
 if __name__ == "__main__":

@@ -91,6 +91,7 @@ def connect(url: str, timeout_s: float = 2.0) -> aioredis.Redis:
     return aioredis.Redis.from_url(
         url,
         **extra,
+        socket_timeout=None,  # redis-py's default is 5 s
         socket_connect_timeout=timeout_s,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
