@@ -190,8 +190,8 @@ def _measure(url: str, quick: bool) -> str:
         f"Local Redis, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}; medians of "
         f"{repeats} run(s). One admission = one EVALSHA (plus one per settle that differs).",
         "PING, the bare script and `return 1` go through a client configured as the "
-        "limiter's own (`runtime.limiter.redis.connect`: no socket timeout, commands packed "
-        "by hiredis); the breakdown's first row is a PING from redis-py with its defaults.",
+        "limiter's own (`runtime.limiter.redis.connect`: commands packed by hiredis); the "
+        "breakdown's first row is a PING from redis-py with its defaults.",
         "",
         "| measure | limiter | PING | ratio |",
         "|---|---|---|---|",
