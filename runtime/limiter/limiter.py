@@ -541,7 +541,7 @@ async def create_limiter(
     else:
         client = connect(redis_url, timeout_s)
         store = RedisRateStore(client, namespace, timeout_s=timeout_s)
-        registry = RedisWorkerRegistry(client, namespace, timeout_s=timeout_s)
+        registry = RedisWorkerRegistry(client, namespace)
     limiter = Limiter(
         budget,
         store=store,

@@ -15,7 +15,8 @@ from typing import Protocol
 
 import redis.asyncio as aioredis
 
-from runtime.limiter.redis import bounded
+from runtime.limiter.errors import StoreUnavailable
+from runtime.limiter.redis import UNREACHABLE
 
 HEARTBEAT_S = 10.0
 DEAD_AFTER_S = 30.0
@@ -99,10 +100,9 @@ class MemoryWorkerRegistry:
 class RedisWorkerRegistry:
     """One hash per namespace: worker id -> ``type|last heartbeat (Redis time)``."""
 
-    def __init__(self, client: aioredis.Redis, namespace: str, *, timeout_s: float = 2.0) -> None:
+    def __init__(self, client: aioredis.Redis, namespace: str) -> None:
         self._client = client
         self._key = f"{{{namespace}}}:workers"
-        self._timeout_s = timeout_s
 
     async def _now(self) -> float:
         seconds, micros = await self._client.time()
@@ -110,32 +110,35 @@ class RedisWorkerRegistry:
 
     async def register(self, worker_id: str, worker_type: str | Sequence[str]) -> None:
         """Announce (or re-announce, as a heartbeat) a worker of one type or several."""
-        await bounded(self._register(worker_id, _types(worker_type)), self._timeout_s)
-
-    async def _register(self, worker_id: str, types: str) -> None:
-        now = await self._now()
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.hset(self._key, worker_id, f"{types}|{now:.6f}")
-            pipe.expire(self._key, int(2 * DEAD_AFTER_S))
-            await pipe.execute()
+        try:
+            now = await self._now()
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hset(self._key, worker_id, f"{_types(worker_type)}|{now:.6f}")
+                pipe.expire(self._key, int(2 * DEAD_AFTER_S))
+                await pipe.execute()
+        except UNREACHABLE as exc:
+            raise StoreUnavailable(f"Redis unreachable: {exc!r}") from exc
 
     async def deregister(self, worker_id: str) -> None:
-        await bounded(self._client.hdel(self._key, worker_id), self._timeout_s)
+        try:
+            await self._client.hdel(self._key, worker_id)
+        except UNREACHABLE as exc:
+            raise StoreUnavailable(f"Redis unreachable: {exc!r}") from exc
 
     async def live_workers(self) -> dict[str, list[str]]:
         """Live workers by type; the dead ones are removed on the way."""
-        return await bounded(self._live_workers(), self._timeout_s)
-
-    async def _live_workers(self) -> dict[str, list[str]]:
-        now = await self._now()
-        raw = await self._client.hgetall(self._key)
-        entries: dict[str, tuple[str, float]] = {}
-        for key, value in raw.items():
-            text = value.decode() if isinstance(value, bytes) else str(value)
-            worker_type, _, seen = text.rpartition("|")
-            name = key.decode() if isinstance(key, bytes) else str(key)
-            entries[name] = (worker_type, float(seen))
-        dead = [k for k, (_, seen) in entries.items() if seen <= now - DEAD_AFTER_S]
-        if dead:
-            await self._client.hdel(self._key, *dead)
+        try:
+            now = await self._now()
+            raw = await self._client.hgetall(self._key)
+            entries: dict[str, tuple[str, float]] = {}
+            for key, value in raw.items():
+                text = value.decode() if isinstance(value, bytes) else str(value)
+                worker_type, _, seen = text.rpartition("|")
+                name = key.decode() if isinstance(key, bytes) else str(key)
+                entries[name] = (worker_type, float(seen))
+            dead = [k for k, (_, seen) in entries.items() if seen <= now - DEAD_AFTER_S]
+            if dead:
+                await self._client.hdel(self._key, *dead)
+        except UNREACHABLE as exc:
+            raise StoreUnavailable(f"Redis unreachable: {exc!r}") from exc
         return _alive(entries, now)
