@@ -275,10 +275,11 @@ async def test_without_the_limiter_the_emulator_enforces_and_calls_still_complet
 ) -> None:
     budget = Budget(rpm=100_000, tpm=100_000_000, window_s=1.0)  # far above the quota
     config = EmulatorConfig(rpm=40, tpm=40_000, window_s=1.0, tpm_counts="input")
-    # The client's default number of attempts: with the budget 2,500 times the quota, the
-    # fleet-wide pause is the only brake, and every pause ends in a burst that refills the
-    # server's window; six attempts ran out in about one run out of ten.
-    retry = dataclasses.replace(FAST_RETRY, max_attempts=RetryPolicy().max_attempts)
+    # With the budget 2,500 times the quota the fleet-wide pause is the only brake: every
+    # pause ends in a burst that refills the server's window (rejected calls count), so a
+    # call may need many attempts. Six ran out in about one run out of ten, the client's
+    # default of eight once under a loaded full run; this asserts that calls get through.
+    retry = dataclasses.replace(FAST_RETRY, max_attempts=16)
     stats, _ = await _fleet_of_calls(redis_url, budget, config, 100, retry)
     assert stats["http_429"] > 0
     assert stats["admitted"] == 100
