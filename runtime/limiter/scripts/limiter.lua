@@ -30,9 +30,9 @@ local KNEE_PPM, SLOW_WINDOWS, RECOVERY_WINDOWS = 800000, 20, 40
 local PHANTOM_ENTRIES, WALK_LIMIT, BATCH_SPAN_US = 100, 128, 10000
 local ADMIT, WAIT, TOO_LARGE, DAY_EXHAUSTED = 0, 1, 2, 3
 
--- The state: integers by name (rq tk tr tt pu fa fp fc xe xp init, dy and dc: the day
--- and its requests, and per lane lr: lt: ld:), read in one piece and written back in one piece when changed. A seeded state
--- holds every field but the lanes'.
+-- The state: integers by name (rq tk tr tt pu fa fp fc xe xp init; dy and dc, the day
+-- and its requests; per lane lr: lt: ld:), read in one piece and written back in one
+-- piece when changed. A seeded state holds every field but the day's and the lanes'.
 local packed = redis.call('GET', S)
 local st = packed and cmsgpack.unpack(packed) or {}
 local dirty, log_created = false, false
