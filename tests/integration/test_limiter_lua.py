@@ -213,4 +213,4 @@ async def test_state_never_outlives_the_log(store: RedisRateStore) -> None:
         await store.call("ttl", lim, "admit", ["", f"g{step}", 10], now=now + step * 300_000)
         log_ms = await client.pttl(log_key)
         state_ms = await client.pttl(state_key)  # read second: a later clock, if anything
-        assert 0 < state_ms < log_ms, step
+        assert 0 < state_ms <= log_ms, step  # the same millisecond at worst
