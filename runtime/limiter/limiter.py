@@ -260,18 +260,6 @@ class Limiter:
         local = limits.divided(self._live.largest) if self._primary is not None else limits
         return self._fallback, local, await op(self._fallback, local)
 
-    async def _book(
-        self, key: str, limits: Limits, requests: list[tuple[str, int]], lane: str
-    ) -> tuple[RateStore, Limits, list[budget.Decision]]:
-        """``_decide`` for a batch of admissions, with the common case spelled out."""
-        primary = self._primary
-        if primary is not None and not self._degraded:
-            try:
-                return primary, limits, await primary.admit_many(key, limits, requests, lane)
-            except StoreUnavailable as exc:
-                self._enter_fallback(exc)
-        return await self._decide(key, limits, admitting(key, requests, lane))
-
     # -- admissions -------------------------------------------------------------------
 
     def acquire(self, tokens: int, *, model: str, lane: str = "") -> Admission:
@@ -355,7 +343,9 @@ class Limiter:
             requests = [(w.grant_id, w.tokens) for w in batch]
             asked = self._primary if self._primary is not None and not self._degraded else None
             try:
-                store, used, decisions = await self._book(key, limits, requests, lane)
+                store, used, decisions = await self._decide(
+                    key, limits, admitting(key, requests, lane)
+                )
             except BaseException:
                 # The answer is lost, not necessarily the bookings: give them all back.
                 self._requeue(queue, batch[1:], renew=True)
