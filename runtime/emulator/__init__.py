@@ -7,7 +7,16 @@ RPM/TPM quotas over a strict rolling window, and injects faults on demand.
 from __future__ import annotations
 
 from runtime.emulator.config import EmulatorConfig, TpmCounts
-from runtime.emulator.content import Answer, AnswerKind, Author, Document, Prompt
+from runtime.emulator.content import (
+    Answer,
+    AnswerKind,
+    Author,
+    Document,
+    Prompt,
+    Usage,
+    output_factor,
+    request_key,
+)
 from runtime.emulator.faults import FaultKind, FaultPlan, FaultRule
 from runtime.emulator.files import FileState
 from runtime.emulator.quota import Decision, Dimension, Limits, RollingQuota
@@ -42,6 +51,7 @@ __all__ = [
     "Prompt",
     "RollingQuota",
     "TpmCounts",
+    "Usage",
     "format_row",
     "make_acte_pdf",
     "make_corrupt_pdf",
@@ -49,5 +59,7 @@ __all__ = [
     "make_encrypted_pdf",
     "make_imageonly_pdf",
     "make_index_pdf",
+    "output_factor",
     "parse_row",
+    "request_key",
 ]

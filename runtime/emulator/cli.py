@@ -41,7 +41,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--tpm-counts",
         choices=("input", "total"),
         default=defaults.tpm_counts,
-        help="which tokens the TPM quota counts",
+        help=(
+            'which tokens the TPM quota counts: "total" counts input + output (+ thinking) '
+            'tokens of each call, "input" only its prompt tokens (Google\'s rule); '
+            "default: %(default)s"
+        ),
     )
     parser.add_argument(
         "--latency-ms", type=float, default=defaults.latency_ms, help="base latency per call"
@@ -50,7 +54,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "--latency-per-token-ms",
         type=float,
         default=defaults.latency_per_output_token_ms,
-        help="extra latency per output token",
+        help="extra latency per reported (scaled) output token",
     )
     parser.add_argument(
         "--processing-polls",
@@ -59,6 +63,25 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="files.get replies showing PROCESSING before a file is ACTIVE",
     )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of all answers")
+    parser.add_argument(
+        "--output-scale",
+        type=float,
+        default=defaults.output_scale,
+        help=(
+            "mean multiplier of every answer's output token count (what usage, the TPM quota, "
+            "the per-token latency and the stats see; the text is unchanged)"
+        ),
+    )
+    parser.add_argument(
+        "--output-cv",
+        type=float,
+        default=defaults.output_cv,
+        help=(
+            "coefficient of variation of that multiplier: each call draws it from a lognormal "
+            "of mean --output-scale, seeded by --seed, the request and how often it was "
+            "answered before (0: exactly --output-scale)"
+        ),
+    )
     parser.add_argument(
         "--model-quota",
         type=_model_quota,
@@ -81,6 +104,8 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         latency_per_output_token_ms=args.latency_per_token_ms,
         processing_polls=args.processing_polls,
         seed=args.seed,
+        output_scale=args.output_scale,
+        output_cv=args.output_cv,
         model_quotas=dict(getattr(args, "model_quota", [])),
     )
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from runtime.emulator.content import Author, check_output_spread
 from runtime.emulator.faults import FaultRule
 from runtime.emulator.quota import Limits
 
@@ -39,6 +40,10 @@ class EmulatorConfig:
     # Thinking tokens reported per output token (0 leaves thoughtsTokenCount out).
     thinking_ratio: float = 0.0
     require_api_key: bool = True
+    # Output sizes: each answer's output token count is the text's times a seeded lognormal
+    # factor of this mean and coefficient of variation (0: exactly output_scale).
+    output_scale: float = 1.0
+    output_cv: float = 0.0
 
     def __post_init__(self) -> None:
         if self.tpm_counts not in ("total", "input"):
@@ -51,6 +56,7 @@ class EmulatorConfig:
             raise ValueError("latencies and thinking_ratio must be >= 0")
         if self.processing_polls < 0:
             raise ValueError("processing_polls must be >= 0")
+        check_output_spread(self.output_scale, self.output_cv)
         for limit in (
             self.rpm,
             self.tpm,
@@ -58,6 +64,19 @@ class EmulatorConfig:
         ):
             if limit is not None and limit < 0:
                 raise ValueError("quota limits must be >= 0")
+
+    def author(self) -> Author:
+        """A fresh `Author` writing exactly the answers this configuration serves.
+
+        The emulator uses one; a client building its own in any process can predict the
+        usage of a request's first answer with ``config.author().answer(prompt).usage``.
+        """
+        return Author(
+            self.seed,
+            thinking_ratio=self.thinking_ratio,
+            output_scale=self.output_scale,
+            output_cv=self.output_cv,
+        )
 
     def limits_for(self, model: str) -> Limits:
         rpm, tpm = self.model_quotas.get(model, (self.rpm, self.tpm))

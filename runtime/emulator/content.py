@@ -25,6 +25,13 @@ one token per 4 characters of text, rounded up; output tokens likewise from the 
 text. ``maxOutputTokens`` truncates any answer (finishReason ``MAX_TOKENS``). When the
 response MIME type is ``application/json``, plain-text answers are wrapped as
 ``{"texte": ...}`` so the text is always JSON.
+
+Uncertain output sizes: the output token count the text gives is multiplied by a factor
+drawn by `output_factor` (a seeded lognormal of mean ``output_scale`` and coefficient of
+variation ``output_cv``), rounded up, and capped by ``maxOutputTokens``; the text itself is
+unchanged. The draw depends only on the seed, `request_key` of the prompt and how many
+times the same request was answered before, so a run replays exactly and a client that
+knows its prompt can predict the usage of its first call (see `Author`).
 """
 
 from __future__ import annotations
@@ -124,6 +131,70 @@ def text_tokens(chars: int) -> int:
     return math.ceil(chars / CHARS_PER_TOKEN)
 
 
+def check_output_spread(scale: float, cv: float) -> None:
+    """Raise ValueError unless `scale` is finite and > 0 and `cv` is finite and >= 0."""
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"output_scale must be a finite number > 0, got {scale!r}")
+    if not (math.isfinite(cv) and cv >= 0):
+        raise ValueError(f"output_cv must be a finite number >= 0, got {cv!r}")
+
+
+def request_key(prompt: Prompt) -> bytes:
+    """A sha256 digest of what the request says: system texts, texts, inline documents and
+    uploaded files (MIME type and bytes), in that order.
+
+    Uploaded files count by their content, not their URI, so the key is known before the
+    upload and does not depend on the ID the server gives the file. Generation options
+    (``maxOutputTokens``, response MIME type) are not part of it.
+    """
+    digest = hashlib.sha256()
+
+    def add(tag: bytes, value: bytes) -> None:
+        # Tagged and length-prefixed, so that no two different requests run together.
+        digest.update(tag + len(value).to_bytes(8, "big") + value)
+
+    for text in prompt.system_texts:
+        add(b"S", text.encode())
+    for text in prompt.texts:
+        add(b"T", text.encode())
+    for tag, documents in ((b"I", prompt.inline), (b"F", prompt.files)):
+        for document in documents:
+            add(tag, document.mime_type.encode())
+            add(tag, document.data)
+    return digest.digest()
+
+
+def output_factor(seed: int, key: bytes, occurrence: int, scale: float, cv: float) -> float:
+    """The factor applied to the output size of the `occurrence`-th answer (0 for the first)
+    to the request whose `request_key` is `key`.
+
+    Lognormal with mean `scale` and coefficient of variation `cv`; exactly `scale` when `cv`
+    is 0. Pure: its own generator is seeded from (seed, key, occurrence), so the same
+    arguments give the same factor in any process, and the global `random` is untouched.
+    """
+    check_output_spread(scale, cv)
+    if occurrence < 0:
+        raise ValueError(f"occurrence must be >= 0, got {occurrence}")
+    if cv == 0:
+        return scale
+    material = f"output-size:{seed}:{occurrence}:".encode() + key
+    rng = random.Random(int.from_bytes(hashlib.sha256(material).digest(), "big"))
+    sigma2 = math.log1p(cv * cv)
+    return rng.lognormvariate(math.log(scale) - sigma2 / 2, math.sqrt(sigma2))
+
+
+def scaled_output_tokens(natural: int, factor: float, limit: int | None) -> int:
+    """`natural` output tokens times `factor`, rounded up, at least 1, at most `limit`.
+
+    An empty answer stays at 0: there is nothing to scale. The product is rounded to nine
+    decimals before rounding up, so that 10 x 1.1 counts 11 tokens, not 12.
+    """
+    if natural <= 0:
+        return 0
+    scaled = max(1, math.ceil(round(natural * factor, 9)))
+    return scaled if limit is None else min(scaled, limit)
+
+
 def _fraction(*key: object) -> float:
     digest = hashlib.sha256(":".join(map(str, key)).encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
@@ -174,12 +245,34 @@ class PdfCache:
 
 
 class Author:
-    """Writes the emulated model's answers; the same request and seed give the same answer."""
+    """Writes the emulated model's answers; the same request, seed and options give the same
+    answer.
 
-    def __init__(self, seed: int, *, pdfs: PdfCache | None = None, thinking_ratio: float = 0.0):
+    An `Author` keeps no history: `answer` is a function of the prompt, the options given
+    here and the `occurrence` passed in (the serving emulator counts occurrences per
+    `request_key`). So a client that knows its prompt can predict the exact usage of the
+    first occurrence of a request: an `Author` built with the emulator's seed and options
+    (``EmulatorConfig.author()`` builds the very one the emulator uses), in any process,
+    gives ``answer(prompt).usage`` equal to what the emulator reports for its first answer
+    to that request, unless a fault alters that answer. Predicting consumes nothing on the
+    serving emulator; ``answer(prompt, occurrence=n)`` predicts the (n+1)-th answer.
+    """
+
+    def __init__(
+        self,
+        seed: int,
+        *,
+        pdfs: PdfCache | None = None,
+        thinking_ratio: float = 0.0,
+        output_scale: float = 1.0,
+        output_cv: float = 0.0,
+    ) -> None:
+        check_output_spread(output_scale, output_cv)
         self.seed = seed
         self.pdfs = pdfs or PdfCache()
         self.thinking_ratio = thinking_ratio
+        self.output_scale = output_scale
+        self.output_cv = output_cv
 
     def classify(self, prompt: Prompt) -> AnswerKind:
         lowered = prompt.lowered
@@ -218,7 +311,22 @@ class Author:
             media[modality] = media.get(modality, 0) + PAGE_TOKENS * len(self.pages(document))
         return text_tokens(chars), media
 
-    def answer(self, prompt: Prompt, *, drop_last_row: bool = False) -> Answer:
+    def output_size_factor(self, prompt: Prompt, occurrence: int = 0) -> float:
+        """The output size factor of the `occurrence`-th answer to `prompt`."""
+        if occurrence < 0:
+            raise ValueError(f"occurrence must be >= 0, got {occurrence}")
+        if self.output_cv == 0:
+            # No draw, so no need to hash the request.
+            return self.output_scale
+        key = request_key(prompt)
+        return output_factor(self.seed, key, occurrence, self.output_scale, self.output_cv)
+
+    def answer(self, prompt: Prompt, *, drop_last_row: bool = False, occurrence: int = 0) -> Answer:
+        """The answer to `prompt`, the `occurrence`-th time (from 0) it is asked.
+
+        The text depends on the prompt and seed only; the output token count is the text's,
+        scaled by `output_factor`, and the thinking tokens follow the scaled count.
+        """
         kind = self.classify(prompt)
         json_mode = (prompt.response_mime_type or "").startswith(JSON_MIME)
         if kind is AnswerKind.ACTE:
@@ -240,7 +348,9 @@ class Author:
         if limit is not None and text_tokens(len(text)) > limit:
             text, finish = text[: limit * CHARS_PER_TOKEN], "MAX_TOKENS"
         text_count, media = self.prompt_usage(prompt)
-        output = text_tokens(len(text))
+        output = scaled_output_tokens(
+            text_tokens(len(text)), self.output_size_factor(prompt, occurrence), limit
+        )
         usage = Usage(
             text_tokens=text_count,
             media_tokens=media,

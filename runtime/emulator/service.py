@@ -3,6 +3,11 @@
 Only generateContent and streamGenerateContent count against the RPM/TPM quotas, at the
 moment they arrive (an unreadable or invalid call too, at no token cost); countTokens and
 the File API never do.
+
+When output sizes are uncertain (``output_cv`` > 0), the emulator counts how many times it
+has answered each request (by `request_key`): every call charged for an answer, faulted ones
+included, is one occurrence; calls refused by the quota or invalid are not. Reset forgets
+these counts, so a run after a reset replays like a fresh emulator.
 """
 
 from __future__ import annotations
@@ -19,10 +24,10 @@ from runtime.emulator.config import EmulatorConfig
 from runtime.emulator.content import (
     Answer,
     AnswerKind,
-    Author,
     Document,
     Prompt,
     UnreadableDocument,
+    request_key,
 )
 from runtime.emulator.faults import RESPONSE_FAULTS, FaultKind, FaultPlan, FaultRule
 from runtime.emulator.files import FileState, FileStore
@@ -58,7 +63,7 @@ class EmulatedGemini:
         self.config = config
         self._clock = clock
         self.closing = asyncio.Event()
-        self.author = Author(config.seed, thinking_ratio=config.thinking_ratio)
+        self.author = config.author()
         self.reset()
 
     def reset(self) -> None:
@@ -69,6 +74,8 @@ class EmulatedGemini:
         self.files = FileStore(processing_polls=self.config.processing_polls, seed=self.config.seed)
         self.faults = FaultPlan(self.config.faults, seed=self.config.seed)
         self.count_tokens_calls = 0
+        # request_key -> answers charged so far; the occurrence of the next output size draw.
+        self.occurrences: dict[bytes, int] = {}
         for model in self.config.model_quotas:
             self.quota(model)
 
@@ -195,10 +202,15 @@ class EmulatedGemini:
         refusal: ApiError | None = None
         prompt: Prompt | None = None
         answer: Answer | None = None
+        key: bytes | None = None
+        occurrence = 0
         cost = 0
         try:
             prompt = self._prompt(parse_generate_request(await read_json(request)))
-            answer = self.author.answer(prompt)
+            if self.config.output_cv > 0:
+                key = request_key(prompt)
+                occurrence = self.occurrences.get(key, 0)
+            answer = self.author.answer(prompt, occurrence=occurrence)
             usage = answer.usage
             cost = usage.prompt_tokens if self.config.tpm_counts == "input" else usage.total_tokens
         except ApiError as exc:
@@ -228,7 +240,10 @@ class EmulatedGemini:
             and not self.author.expects_all_rows(prompt)
             and self.faults.draw({FaultKind.DROP_ROWS}, model) is not None
         ):
-            answer = self.author.answer(prompt, drop_last_row=True)
+            answer = self.author.answer(prompt, drop_last_row=True, occurrence=occurrence)
+        # No await since the occurrence was read: concurrent identical calls draw in turn.
+        if key is not None:
+            self.occurrences[key] = occurrence + 1
         usage = answer.usage
         counters.input_tokens += usage.prompt_tokens
         counters.output_tokens += usage.output_tokens

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import math
 import re
 import signal
 import subprocess
@@ -23,11 +24,13 @@ from google.genai import errors, types
 from pypdf import PdfReader, PdfWriter
 
 from runtime.emulator import (
+    Document,
     Emulator,
     EmulatorConfig,
     FaultKind,
     FaultRule,
     IndexRow,
+    Prompt,
     make_acte_pdf,
     make_corrupt_pdf,
     make_empty_pdf,
@@ -640,6 +643,144 @@ async def test_per_model_quotas_and_latency(session: aiohttp.ClientSession) -> N
             await generate(client, "Bonjour", model=FLASH)
         await generate(client, "Bonjour", model=PRO)
         assert emulator.stats()["models"][FLASH]["limits"]["rpm"] == 1
+
+
+# -- output sizes ----------------------------------------------------------------------
+
+# What a benchmark does in its own process: predict a request's usage from the prompt alone.
+ORACLE = """
+import dataclasses, json, sys
+from runtime.emulator import Document, EmulatorConfig, Prompt, make_index_pdf
+pdf, _ = make_index_pdf(pages=1, rows_per_page=3, seed=4)
+config = EmulatorConfig(seed=11, output_scale=1.5, output_cv=0.8, thinking_ratio=0.5)
+prompt = Prompt(texts=(sys.argv[1],), inline=(Document("application/pdf", pdf),))
+author = config.author()
+print(json.dumps([dataclasses.asdict(author.answer(prompt, occurrence=n).usage) for n in range(4)]))
+"""
+
+
+def index_request(seed: int = 4) -> tuple[bytes, Prompt]:
+    """An index page and the `Prompt` the emulator reads from ``(pdf_part, EXTRACTION_PROMPT)``."""
+    pdf, _ = make_index_pdf(pages=1, rows_per_page=3, seed=seed)
+    return pdf, Prompt(texts=(EXTRACTION_PROMPT,), inline=(Document("application/pdf", pdf),))
+
+
+def usage_of(answer: types.GenerateContentResponse) -> types.GenerateContentResponseUsageMetadata:
+    assert answer.usage_metadata is not None
+    return answer.usage_metadata
+
+
+async def test_output_sizes_are_scaled_exactly_without_variation(
+    session: aiohttp.ClientSession,
+) -> None:
+    pdf, _ = index_request()
+    async with running(session, EmulatorConfig(seed=7)) as (_, client):
+        plain = await generate(client, pdf_part(pdf), EXTRACTION_PROMPT)
+    natural = usage_of(plain).candidates_token_count
+    assert natural
+    config = EmulatorConfig(seed=7, output_scale=3.0, thinking_ratio=0.5)
+    async with running(session, config) as (emulator, client):
+        scaled = await generate(client, pdf_part(pdf), EXTRACTION_PROMPT)
+        chunks = [
+            chunk
+            async for chunk in await client.aio.models.generate_content_stream(
+                model=PRO, contents=[pdf_part(pdf), EXTRACTION_PROMPT]
+            )
+        ]
+        capped = await generate(
+            client, pdf_part(pdf), EXTRACTION_PROMPT, max_output_tokens=natural + 1
+        )
+        stats = emulator.stats()["models"][PRO]
+    assert scaled.text == plain.text
+    usage = usage_of(scaled)
+    thoughts = math.ceil(3 * natural * 0.5)
+    assert (usage.candidates_token_count, usage.thoughts_token_count) == (3 * natural, thoughts)
+    assert usage.total_token_count == usage_of(plain).prompt_token_count + 3 * natural + thoughts
+    assert chunks[-1].usage_metadata == usage
+    assert capped.text == plain.text
+    assert capped.candidates
+    assert capped.candidates[0].finish_reason == types.FinishReason.STOP
+    assert usage_of(capped).candidates_token_count == natural + 1
+    assert stats["output_tokens"] == 2 * 3 * natural + natural + 1
+    assert stats["thoughts_tokens"] == 2 * thoughts + math.ceil((natural + 1) * 0.5)
+
+
+async def test_uncertain_output_sizes_replay_by_seed(session: aiohttp.ClientSession) -> None:
+    async def run(seed: int) -> list[int | None]:
+        config = EmulatorConfig(seed=seed, output_cv=1.0)
+        async with running(session, config) as (emulator, client):
+            counts = [
+                usage_of(await generate(client, "Bonjour")).candidates_token_count for _ in range(4)
+            ]
+            emulator.reset()  # forgets the occurrences: the run starts over
+            assert usage_of(await generate(client, "Bonjour")).candidates_token_count == counts[0]
+        return counts
+
+    first = await run(5)
+    assert len(set(first)) > 1  # a repeated request gets a new draw
+    assert await run(5) == first
+    assert await run(6) != first
+
+
+async def test_a_total_token_quota_counts_the_scaled_output(
+    session: aiohttp.ClientSession,
+) -> None:
+    pdf, prompt = index_request()
+    unscaled = EmulatorConfig(seed=7).author().answer(prompt).usage.total_tokens
+    clock = FakeClock()
+    config = EmulatorConfig(
+        seed=7, rpm=None, tpm=2 * unscaled, tpm_counts="total", output_scale=3.0
+    )
+    async with running(session, config, clock=clock) as (emulator, client):
+        usage = usage_of(await generate(client, pdf_part(pdf), EXTRACTION_PROMPT))
+        assert usage.total_token_count
+        assert usage.total_token_count > unscaled
+        assert emulator.stats()["models"][PRO]["window_tokens"] == usage.total_token_count
+        clock.now += 1
+        # Two unscaled calls would fit; the scaled first one leaves no room for a second.
+        with pytest.raises(errors.ClientError) as refused:
+            await generate(client, pdf_part(pdf), EXTRACTION_PROMPT)
+        violation = quota_details(refused.value)["QuotaFailure"]["violations"][0]
+        assert violation["quotaId"] == "GenerateContentTotalTokensPerModelPerMinute"
+
+
+async def test_a_separate_process_predicts_the_usage_of_each_answer(
+    session: aiohttp.ClientSession,
+) -> None:
+    oracle = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", ORACLE, EXTRACTION_PROMPT, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await oracle.communicate()
+    assert oracle.returncode == 0
+    predicted = json.loads(out)
+    assert len({p["output_tokens"] for p in predicted}) > 1
+    pdf, _ = index_request()
+    clock = FakeClock()
+    config = EmulatorConfig(
+        seed=11, output_scale=1.5, output_cv=0.8, thinking_ratio=0.5, rpm=1, window_s=1.0
+    )
+    async with running(session, config, clock=clock) as (emulator, client):
+
+        async def call() -> types.GenerateContentResponseUsageMetadata:
+            clock.now += 1
+            return usage_of(await generate(client, pdf_part(pdf), EXTRACTION_PROMPT))
+
+        served = [await call()]
+        with pytest.raises(errors.ClientError):  # refused by the quota: not an answer
+            await generate(client, pdf_part(pdf), EXTRACTION_PROMPT)
+        served.append(await call())
+        emulator.add_fault(FaultRule(FaultKind.SERVER_ERROR, count=1))
+        with pytest.raises(errors.ServerError):  # charged like a real answer: it counts
+            await call()
+        served.append(await call())
+        stats = emulator.stats()["models"][PRO]
+    for usage, expected in zip(served, [predicted[0], predicted[1], predicted[3]], strict=True):
+        assert usage.prompt_token_count == expected["text_tokens"] + sum(
+            expected["media_tokens"].values()
+        )
+        assert usage.candidates_token_count == expected["output_tokens"]
+        assert usage.thoughts_token_count == expected["thoughts_tokens"]
+    assert stats["output_tokens"] == sum(p["output_tokens"] for p in predicted)
 
 
 def test_the_command_line_serves_until_terminated() -> None:
