@@ -47,6 +47,7 @@ class Settings:
     gemini_window_s: float = 60.0
     gemini_arrival_skew_s: float = 0.5
     gemini_tpm_counts: str = "input"
+    gemini_overrun_risk: float = 0.001
     gemini_rpd_limit: int | None = None
     gemini_lane_shares: Mapping[str, float] = field(default_factory=dict)
     gemini_model_limits: Mapping[str, ModelLimit] = field(default_factory=dict)
@@ -183,6 +184,7 @@ _non_negative_float = _number(
     float, lambda v: math.isfinite(v) and v >= 0, "a number of seconds >= 0"
 )
 _fraction = _number(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
+_risk = _number(float, lambda v: 0 < v < 0.5, "a probability in (0, 0.5)")
 _port = _number(_whole, lambda v: 0 < v <= 65535, "a TCP port 1-65535")
 
 
@@ -285,6 +287,11 @@ _SPECS: tuple[_Spec, ...] = (
     _Spec("GEMINI_WINDOW_S", _positive_float, "length of the quota window in seconds"),
     _Spec("GEMINI_ARRIVAL_SKEW_S", _non_negative_float, "spread of request arrival delays"),
     _Spec("GEMINI_TPM_COUNTS", _choice("input", "total"), "which tokens the TPM quota counts"),
+    _Spec(
+        "GEMINI_OVERRUN_RISK",
+        _risk,
+        "accepted chance that a window's actual tokens pass the quota (estimates are guesses)",
+    ),
     _Spec("GEMINI_RPD_LIMIT", _positive_int, "requests per day of the quota (optional)"),
     _Spec("GEMINI_LANE_SHARES", _lane_shares, "guaranteed share of the budget per lane"),
     _Spec("GEMINI_MODEL_LIMITS", _model_limits, "models with a quota of their own"),

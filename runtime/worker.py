@@ -45,16 +45,27 @@ def fleet_budget(settings: Settings) -> tuple[Budget, dict[str, Budget]]:
     # A request reaches Google some time after its admission, and not always the same
     # time: counting admissions over a window widened by that spread keeps every window
     # of ARRIVALS within the quota.
+    # The tokens between the budget and the quota carry the margin held for the
+    # uncertainty of the calls not settled yet (see runtime.limiter.budget).
     window = settings.gemini_window_s + settings.gemini_arrival_skew_s
-    default = Budget(rpm=settings.rpm_budget, tpm=settings.tpm_budget, window_s=window)
-    models = {
-        model: Budget(
+    risk = settings.gemini_overrun_risk
+    default = Budget(
+        rpm=settings.rpm_budget,
+        tpm=settings.tpm_budget,
+        window_s=window,
+        tpm_headroom=settings.gemini_tpm_limit - settings.tpm_budget,
+        overrun_risk=risk,
+    )
+    models = {}
+    for model, limit in settings.gemini_model_limits.items():
+        tpm = max(1, math.floor(limit.tpm * factor))
+        models[model] = Budget(
             rpm=max(1, math.floor(limit.rpm * factor)),
-            tpm=max(1, math.floor(limit.tpm * factor)),
+            tpm=tpm,
             window_s=window,
+            tpm_headroom=limit.tpm - tpm,
+            overrun_risk=risk,
         )
-        for model, limit in settings.gemini_model_limits.items()
-    }
     return default, models
 
 

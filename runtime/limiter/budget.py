@@ -65,8 +65,10 @@ number of phantom entries) in the first window, exact again one window later.
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import NamedTuple
 
 PPM = 1_000_000
@@ -83,6 +85,8 @@ PHANTOM_ENTRIES = 100
 WALK_LIMIT = 128  # log entries one admission may read past the expired head
 BATCH_SPAN_US = 10_000  # how far past the first slot one call books the waiters behind it
 PHANTOM_PREFIX = "~"
+SPREAD_MARK = "#"  # a grant id ending in "#V": its estimate has variance V (tokens squared)
+MAX_SPREAD = 10**12  # one call's variance at most (a deviation of a million tokens)
 
 ADMIT = 0
 WAIT = 1
@@ -97,8 +101,17 @@ class Budget:
     rpm: int
     tpm: int
     window_s: float = 60.0
+    # Tokens per window between this budget and the quota: the fleet margin for the
+    # uncertainty of unsettled calls lives there first (see the module docstring).
+    tpm_headroom: int = 0
+    # The accepted probability that a window's actual tokens exceed budget + headroom.
+    overrun_risk: float = 0.001
 
     def __post_init__(self) -> None:
+        if self.tpm_headroom < 0:
+            raise ValueError(f"tpm_headroom must be >= 0, not {self.tpm_headroom}")
+        if not 0 < self.overrun_risk < 0.5:
+            raise ValueError(f"overrun_risk must lie in (0, 0.5), not {self.overrun_risk}")
         if self.rpm < 1 or self.tpm < 1:
             raise ValueError(f"a budget needs rpm >= 1 and tpm >= 1, not {self.rpm}/{self.tpm}")
         if not 0.001 <= self.window_s <= 86_400:
@@ -123,13 +136,25 @@ class Limits:
     rpd: int = 0  # 0: no daily budget
     shares: tuple[tuple[str, int], ...] = ()  # (lane, parts per million), sorted
     horizon_us: int = 0  # how far ahead a slot may be booked; 0 means one window
+    headroom: int = 0  # tokens above ``tpm`` that the fleet margin may use first
+    z_milli: int = 0  # the margin's z-score in thousandths; 0: no margin
 
     @classmethod
     def of(
         cls, budget: Budget, *, rpd: int | None = None, shares: dict[str, float] | None = None
     ) -> Limits:
         lanes = tuple(sorted((lane, round(share * PPM)) for lane, share in (shares or {}).items()))
-        return cls(budget.window_us, budget.rpm, budget.tpm, rpd or 0, lanes, budget.window_us)
+        z = NormalDist().inv_cdf(1 - budget.overrun_risk)
+        return cls(
+            budget.window_us,
+            budget.rpm,
+            budget.tpm,
+            rpd or 0,
+            lanes,
+            budget.window_us,
+            budget.tpm_headroom,
+            round(z * 1000),
+        )
 
     def divided(self, parts: int) -> Limits:
         """The share of one process out of ``parts`` (the fallback while Redis is away)."""
@@ -141,6 +166,8 @@ class Limits:
             self.rpd // parts if self.rpd else 0,
             self.shares,
             self.horizon_us,
+            self.headroom // parts,
+            self.z_milli,
         )
 
     @property
@@ -156,6 +183,7 @@ class Entry:
     requests: int
     tokens: int
     lane: str
+    spread: int = 0  # the variance of an unsettled estimate, held in the fleet margin
 
 
 class Decision(NamedTuple):
@@ -190,6 +218,8 @@ class ModelState:
     day: int = 0  # the day (UTC, since the epoch) that day_requests counts
     day_requests: int = 0
     expired_at: int = 0  # when entries last left the log
+    unsettled_var: int = 0  # summed variance of the estimates not settled yet
+    last_booking: int = 0  # the latest slot booked: the schedule never goes back past it
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -244,12 +274,35 @@ def member(grant_id: str, requests: int, tokens: int, lane: str) -> str:
     return f"{grant_id}\0{requests}:{tokens}:{lane}"
 
 
+def spread_of(grant_id: str) -> tuple[str, int]:
+    """A grant id without its spread mark, and the variance the mark names (0 if none)."""
+    base, mark, digits = grant_id.rpartition(SPREAD_MARK)
+    if not mark or not digits.isdigit():
+        return grant_id, 0
+    return base, min(int(digits), MAX_SPREAD)
+
+
+def margin(limits: Limits, factor: int, variance: int, tokens: int, tpm: int) -> int:
+    """The tokens the fleet margin takes from the budget for calls of summed ``variance``.
+
+    ``z * sqrt(variance)`` is held above the expected tokens; the headroom between the
+    budget and the quota carries it first, and only the rest is taken from the budget
+    (never so much that a request of ``tokens`` could not fit an empty window).
+    """
+    if limits.z_milli <= 0 or variance <= 0:
+        return 0
+    held = math.ceil(limits.z_milli * math.sqrt(variance) / 1000)
+    over = held - limits.headroom * factor // PPM
+    return max(0, min(over, tpm - tokens))
+
+
 def _add(state: ModelState, grant_id: str, entry: Entry) -> None:
     key = member(grant_id, entry.requests, entry.tokens, entry.lane)
     bisect.insort(state.log, (entry.at, key))
     state.grants[key] = entry
     state.requests += entry.requests
     state.tokens += entry.tokens
+    state.unsettled_var += entry.spread
     if entry.lane:
         state.lane_requests[entry.lane] = state.lane_requests.get(entry.lane, 0) + entry.requests
         state.lane_tokens[entry.lane] = state.lane_tokens.get(entry.lane, 0) + entry.tokens
@@ -262,6 +315,7 @@ def _unlog(state: ModelState, key: str, entry: Entry) -> None:
 def _subtract(state: ModelState, entry: Entry) -> None:
     state.requests -= entry.requests
     state.tokens -= entry.tokens
+    state.unsettled_var -= entry.spread
     if entry.lane:
         state.lane_requests[entry.lane] -= entry.requests
         state.lane_tokens[entry.lane] -= entry.tokens
@@ -351,11 +405,14 @@ def admit(
     day = now // DAY_US
     if limits.rpd > 0 and requests_on(state, day) >= limits.rpd:
         return Decision(DAY_EXHAUSTED, (day + 1) * DAY_US - now, now)
-    rpm, tpm = effective_limits(limits, effective_factor(state, now, w))
+    factor = effective_factor(state, now, w)
+    rpm, tpm = effective_limits(limits, factor)
     if tokens > tpm:
         return Decision(WAIT, w // 4, now)  # the factor climbs back by then
     shares = dict(limits.shares)
     used = _lanes_in_use(state, shares, lane, now, w)
+    _, spread = spread_of(grant_id)
+    held = margin(limits, factor, state.unsettled_var + spread, tokens, tpm)
     # Tokens may run one request interval ahead of their pace, so that uneven request
     # sizes average out instead of each large one stalling the next small ones.
     tolerance = ceil_div(w, rpm)
@@ -363,12 +420,12 @@ def admit(
     if (
         t - now > limits.horizon
         or (latest is not None and t > latest)
-        or not _fits(state.requests, state.tokens, tokens, shares, used, rpm, tpm)
+        or not _fits(state.requests, state.tokens + held, tokens, shares, used, rpm, tpm)
     ):
         # Not at once: drop what left the window, then walk the log from its head.
         expire(state, now, w)
         used = _lanes_in_use(state, shares, lane, now, w)
-        requests, charged = state.requests, state.tokens
+        requests, charged = state.requests, state.tokens + held
         i = 0
         lane_blocked = False
         while True:
@@ -398,7 +455,8 @@ def admit(
             # The global budget had room earlier: booking later would push the pacing
             # past the lanes that hold the reserve, so ask again when this lane fits.
             return Decision(WAIT, max(1000, t - now), now)
-    _add(state, grant_id, Entry(t, 1, tokens, lane))
+    _add(state, grant_id, Entry(t, 1, tokens, lane, spread))
+    state.last_booking = t
     state.tat_requests = t + ceil_div(w, rpm)
     state.tat_tokens = max(state.tat_tokens, t) + ceil_div(tokens * w, tpm)
     state.day_requests = requests_on(state, day) + 1
@@ -429,6 +487,22 @@ def admit_many(
     return decisions
 
 
+def _reschedule(state: ModelState, limits: Limits, now: int, tokens: int, requests: int) -> None:
+    """Move the pacing by what a settle or a release changed: back for tokens or requests
+    given back (never before now nor before the latest booking, so that bookings stay in
+    order), forward from now for tokens charged above the estimate."""
+    w = limits.window_us
+    rpm, tpm = effective_limits(limits, effective_factor(state, now, w))
+    floor = max(now, state.last_booking)
+    if tokens < 0 and state.tat_tokens > floor:
+        back = min(-tokens, tpm) * w // tpm
+        state.tat_tokens = max(floor, state.tat_tokens - back)
+    elif tokens > 0:
+        state.tat_tokens = max(state.tat_tokens, now) + ceil_div(min(tokens, tpm) * w, tpm)
+    if requests < 0 and state.tat_requests > floor:
+        state.tat_requests = max(floor, state.tat_requests + requests * ceil_div(w, rpm))
+
+
 def settle(
     state: ModelState,
     limits: Limits,
@@ -440,26 +514,33 @@ def settle(
 ) -> int:
     """Set a grant's tokens to ``actual``; returns the tokens charged (< 0: refunded).
 
-    The grant is found as booked (one request of ``estimate`` tokens in ``lane``).
+    The grant is found as booked (one request of ``estimate`` tokens in ``lane``). Its
+    entry loses the spread mark (the margin no longer holds it), and the difference moves
+    the token pacing too: a refund lets the next admissions start earlier.
     """
     expire(state, now, limits.window_us)
     key = member(grant_id, 1, estimate, lane)
     entry = state.grants.pop(key, None)
+    base, _ = spread_of(grant_id)
     if entry is not None:
         _unlog(state, key, entry)
         delta = actual - estimate
+        state.unsettled_var -= entry.spread
         entry.tokens = actual
-        settled = member(grant_id, 1, actual, lane)
+        entry.spread = 0
+        settled = member(base, 1, actual, lane)
         bisect.insort(state.log, (entry.at, settled))
         state.grants[settled] = entry
         state.tokens += delta
         if lane:
             state.lane_tokens[lane] += delta
+        _reschedule(state, limits, now, delta, 0)
         return delta
-    raised = member(grant_id + "+", 0, actual - estimate, lane)
+    raised = member(base + "+", 0, actual - estimate, lane)
     if actual <= estimate or not state.initialised or raised in state.grants:
         return 0  # a refund after expiry frees nothing; a repeated raise is already charged
-    _add(state, grant_id + "+", Entry(now, 0, actual - estimate, lane))
+    _add(state, base + "+", Entry(now, 0, actual - estimate, lane))
+    _reschedule(state, limits, now, actual - estimate, 0)
     return actual - estimate
 
 
@@ -468,7 +549,8 @@ def release(
 ) -> bool:
     """Remove a reservation whose call never reached the API; False if it was not there.
 
-    The grant is named as booked: one request of ``tokens`` in ``lane``.
+    The grant is named as booked: one request of ``tokens`` in ``lane``. Its request and
+    tokens go back to the pacing as well as to the log.
     """
     expire(state, now, limits.window_us)
     key = member(grant_id, 1, tokens, lane)
@@ -479,6 +561,7 @@ def release(
     _subtract(state, entry)
     if state.day == now // DAY_US and state.day_requests > 0:
         state.day_requests -= 1
+    _reschedule(state, limits, now, -tokens, -1)
     return True
 
 
@@ -529,6 +612,7 @@ class Snapshot:
     lanes: dict[str, tuple[int, int]]
     booked_requests: int = 0
     booked_tokens: int = 0
+    unsettled_var: int = 0  # summed variance of the estimates not settled yet
 
 
 def booked_ahead(state: ModelState, now: int) -> tuple[list[int], dict[str, list[int]]]:
@@ -567,4 +651,5 @@ def snapshot(state: ModelState, limits: Limits, now: int) -> Snapshot:
         lanes,
         booked[0],
         booked[1],
+        state.unsettled_var,
     )

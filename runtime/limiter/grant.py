@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from runtime.limiter.budget import Budget, Limits
+from runtime.limiter.budget import SPREAD_MARK, Budget, Limits
 from runtime.limiter.errors import StoreUnavailable
 from runtime.limiter.store import RateStore
 
@@ -74,6 +74,7 @@ class Grant:
     __slots__ = (
         "_key",
         "_limits",
+        "_room",
         "_spawn",
         "_stats",
         "_store",
@@ -102,6 +103,7 @@ class Grant:
         limits: Limits,
         stats: LimiterStats,
         spawn: Callable[[Awaitable[None]], Awaitable[None]],
+        room: Callable[[], None],
     ) -> None:
         self.id = grant_id
         self.model = model
@@ -117,6 +119,7 @@ class Grant:
         self._limits = limits
         self._stats = stats
         self._spawn = spawn
+        self._room = room  # tells this process's waiting queues that tokens came back
 
     @property
     def done(self) -> bool:
@@ -128,8 +131,8 @@ class Grant:
             return
         self.actual_tokens = actual_tokens
         self._stats.tokens_settled += actual_tokens
-        if actual_tokens == self.tokens:
-            return
+        if actual_tokens == self.tokens and SPREAD_MARK not in self.id:
+            return  # nothing to change: no difference, no variance held in the margin
         try:
             await self._store.settle(
                 self._key, self._limits, self.id, self.tokens, actual_tokens, self.lane
@@ -137,6 +140,9 @@ class Grant:
         except StoreUnavailable:
             # The reservation keeps its estimate in a store we cannot reach; it expires.
             self._stats.store_errors += 1
+            return
+        if actual_tokens < self.tokens:
+            self._room()
 
     async def release(self) -> None:
         """Give the request and its tokens back: the call never reached the API."""
@@ -144,9 +150,11 @@ class Grant:
             return
         self.released = True
         self._stats.releases += 1
-        await self._spawn(
-            release_quietly(self._store, self._key, self._limits, self.id, self.tokens, self.lane)
-        )
+        await self._spawn(self._give_back())
+
+    async def _give_back(self) -> None:
+        await release_quietly(self._store, self._key, self._limits, self.id, self.tokens, self.lane)
+        self._room()
 
 
 async def release_quietly(

@@ -103,6 +103,7 @@ class Limiter:
         self._live = LiveCounts()
         self._degraded = store is None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._room = asyncio.Event()  # set (and replaced) when tokens come back
         self._probe: asyncio.Task[None] | None = None
         self._ids = itertools.count()
         self._id_prefix = f"{worker_id or os.getpid()}.{secrets.token_hex(3)}."
@@ -262,23 +263,36 @@ class Limiter:
 
     # -- admissions -------------------------------------------------------------------
 
-    def acquire(self, tokens: int, *, model: str, lane: str = "") -> Admission:
+    def acquire(self, tokens: int, *, model: str, lane: str = "", variance: int = 0) -> Admission:
         """Wait until one request of ``tokens`` fits the fleet's budget; use as ``async with``.
 
-        Raises ``RequestTooLarge`` for a request above the whole budget and
-        ``DailyQuotaExhausted`` when the requests-per-day budget is spent.
+        ``tokens`` is the expected size of the call; ``variance`` (tokens squared) says how
+        unsure it is: the fleet holds one margin for the variances of the calls not yet
+        settled instead of padding each call. Raises ``RequestTooLarge`` for a request
+        above the whole budget and ``DailyQuotaExhausted`` when the requests-per-day
+        budget is spent.
         """
         if tokens < 0:
             raise ValueError(f"tokens must be >= 0, not {tokens}")
-        return Admission(self, tokens, _check_name("model", model), _check_name("lane", lane))
+        if variance < 0:
+            raise ValueError(f"variance must be >= 0, not {variance}")
+        return Admission(
+            self, tokens, _check_name("model", model), _check_name("lane", lane), variance
+        )
 
-    async def _admit(self, tokens: int, model: str, lane: str) -> Grant:
+    def _grant_id(self, variance: int) -> str:
+        grant_id = f"{self._id_prefix}{next(self._ids)}"
+        if variance > 0:
+            return f"{grant_id}{budget.SPREAD_MARK}{min(variance, budget.MAX_SPREAD)}"
+        return grant_id
+
+    async def _admit(self, tokens: int, model: str, lane: str, variance: int = 0) -> Grant:
         key, limits = self._route(model)
         if tokens > limits.tpm:
             raise RequestTooLarge(tokens, limits.tpm, model)
         loop = asyncio.get_running_loop()
         started = loop.time()
-        waiter = Waiter(f"{self._id_prefix}{next(self._ids)}", tokens, loop.create_future())
+        waiter = Waiter(self._grant_id(variance), tokens, loop.create_future(), variance)
         queue = self._queues.get((key, lane))
         if queue is None:
             queue = self._queues[(key, lane)] = WaiterQueue()
@@ -320,6 +334,7 @@ class Limiter:
             booking.limits,
             self.stats,
             self._shielded,
+            self._wake_heads,
         )
 
     async def _lead(
@@ -373,7 +388,7 @@ class Limiter:
                 raise RequestTooLarge(head.tokens, used.tpm, model)
             if refused.kind == budget.DAY_EXHAUSTED:
                 raise DailyQuotaExhausted(model, used.rpd, refused.value / 1e6)
-            await asyncio.sleep(refused.value / 1e6)
+            await self._until_room(refused.value / 1e6, limits)
         last = decisions[admitted - 1]
         hand_on_us = last.value - last.now
         head.leading = False
@@ -383,12 +398,26 @@ class Limiter:
             queue.hand_on()
         return Booking(store, used, decisions[0])
 
+    def _wake_heads(self) -> None:
+        """Tokens came back in this process: the queues told to wait ask again at once."""
+        room, self._room = self._room, asyncio.Event()
+        room.set()
+
+    async def _until_room(self, delay_s: float, limits: Limits) -> None:
+        """Sleep until the store's time to ask again, or sooner: until tokens come back in
+        this process, and at most a sixteenth of a window, so that a head sees the room
+        that the other processes' refunds make."""
+        room = self._room
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(delay_s, limits.window_us / 16e6)):
+                await room.wait()
+
     def _requeue(self, queue: WaiterQueue, waiters: list[Waiter], *, renew: bool) -> None:
         """Put waiters that were not booked back at the front of the queue, in order."""
         for waiter in reversed(waiters):
             self._semaphore.release()
             if renew:  # a release of the old id may still be on its way
-                waiter.grant_id = f"{self._id_prefix}{next(self._ids)}"
+                waiter.grant_id = self._grant_id(waiter.variance)
             if not waiter.future.done():
                 queue.waiters.appendleft(waiter)
 
@@ -477,15 +506,18 @@ class Limiter:
 class Admission:
     """``async with limiter.acquire(...) as grant``: the slot is held for the call."""
 
-    def __init__(self, limiter: Limiter, tokens: int, model: str, lane: str) -> None:
+    def __init__(
+        self, limiter: Limiter, tokens: int, model: str, lane: str, variance: int = 0
+    ) -> None:
         self._limiter = limiter
         self._tokens = tokens
         self._model = model
         self._lane = lane
+        self._variance = variance
 
     def __aenter__(self) -> Awaitable[Grant]:
         # The admission itself, handed to ``async with`` without a coroutine around it.
-        return self._limiter._admit(self._tokens, self._model, self._lane)
+        return self._limiter._admit(self._tokens, self._model, self._lane, self._variance)
 
     async def __aexit__(
         self,

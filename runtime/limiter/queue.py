@@ -38,6 +38,7 @@ class Waiter:
     grant_id: str
     tokens: int
     future: asyncio.Future[Booking | None]
+    variance: int = 0
     leading: bool = False
     holds_slot: bool = False
     booking: Booking | None = None

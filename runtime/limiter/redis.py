@@ -174,7 +174,7 @@ _ARGUMENTS: dict[int, tuple[Limits, bytes]] = {}
 
 
 def limits_argument(limits: Limits) -> bytes:
-    """The limits as the script's one argument: five big-endian int64, then the shares.
+    """The limits as the script's one argument: seven big-endian int64, then the shares.
 
     Binary figures cost the script one ``struct.unpack`` instead of a parse per figure.
     Cached by identity: the limiter keeps one ``Limits`` per model, and a lookup by id
@@ -184,8 +184,16 @@ def limits_argument(limits: Limits) -> bytes:
     if cached is not None and cached[0] is limits:
         return cached[1]
     shares = ",".join(f"{lane}={ppm}" for lane, ppm in limits.shares)
-    figures = (limits.window_us, limits.rpm, limits.tpm, limits.rpd, limits.horizon)
-    argument = struct.pack(">5q", *figures) + shares.encode()
+    figures = (
+        limits.window_us,
+        limits.rpm,
+        limits.tpm,
+        limits.rpd,
+        limits.horizon,
+        limits.headroom,
+        limits.z_milli,
+    )
+    argument = struct.pack(">7q", *figures) + shares.encode()
     if len(_ARGUMENTS) >= 256:
         _ARGUMENTS.clear()
     _ARGUMENTS[id(limits)] = (limits, argument)
@@ -286,10 +294,10 @@ class RedisRateStore:
 
     async def snapshot(self, model: str, limits: Limits) -> Snapshot:
         out = await self.call(model, limits, "snapshot", [])
-        head = [int(str(x)) for x in out[:8]]
-        now, requests, tokens, factor, pause, today, booked_requests, booked_tokens = head
+        head = [int(str(x)) for x in out[:9]]
+        now, requests, tokens, factor, pause, today, booked_requests, booked_tokens = head[:8]
         lanes: dict[str, tuple[int, int]] = {}
-        rest = out[8:]
+        rest = out[9:]
         for i in range(0, len(rest), 3):
             name = rest[i]
             lane = name.decode() if isinstance(name, bytes) else str(name)
@@ -304,6 +312,7 @@ class RedisRateStore:
             dict(sorted(lanes.items())),
             booked_requests,
             booked_tokens,
+            head[8],
         )
 
     async def _drop_connections(self) -> None:

@@ -37,7 +37,7 @@ from google.genai import errors as genai_errors
 from google.genai import types
 
 from runtime.errors import PermanentError, TransientError
-from runtime.pipelines.estimates import EstimateStore, heuristic_input
+from runtime.pipelines.estimates import Estimate, EstimateStore, heuristic_input
 
 log = structlog.get_logger()
 
@@ -65,7 +65,7 @@ class GrantHandle(Protocol):
 class Limiter(Protocol):
     """What the client needs of the fleet limiter (``runtime.limiter``)."""
 
-    def acquire(self, *, tokens: int, model: str, lane: str) -> Any: ...
+    def acquire(self, *, tokens: int, model: str, lane: str, variance: int = 0) -> Any: ...
 
     async def report_rate_limited(
         self, *, model: str, retry_after_s: float | None, quota_id: str | None
@@ -261,18 +261,16 @@ class GeminiClient:
         await self._client.aio.aclose()
         await self._session.close()
 
-    async def estimate(self, call: Call) -> tuple[int, int]:
-        """(tokens to reserve, heuristic input) for a call."""
-        learned = await self._estimates.get(call.kind)
+    async def estimate(self, call: Call) -> Estimate:
+        """The tokens to reserve for a call (expected, with their variance)."""
+        learned = await self._estimates.get(call.kind, model=call.model)
         prompt_chars = len(call.prompt) + len(call.system or "")
-        raw_input = heuristic_input(prompt_chars, call.pages)
-        tokens = max(1, round(raw_input * learned.input_ratio))
-        if self._tpm_counts == "total":
-            reserve = learned.output_reserve
-            if call.max_output_tokens is not None:
-                reserve = min(reserve, call.max_output_tokens)
-            tokens += reserve
-        return tokens, raw_input
+        raw_input = heuristic_input(prompt_chars, call.pages, call.model)
+        return learned.estimate(
+            raw_input,
+            count_output=self._tpm_counts == "total",
+            max_output=call.max_output_tokens,
+        )
 
     def _contents(self, call: Call) -> list[types.Content]:
         parts: list[types.Part] = []
@@ -300,14 +298,17 @@ class GeminiClient:
         policy = self._retry
         started = time.monotonic()
         call_log = current_call_log.get()
-        tokens, raw_input = await self.estimate(call)
+        estimate = await self.estimate(call)
         contents, config = self._contents(call), self._config(call)
         last_problem = "no attempt made"
         for attempt in range(1, policy.max_attempts + 1):
             if attempt > 1 and call_log is not None:
                 call_log.retries += 1
             async with self._limiter.acquire(
-                tokens=tokens, model=call.model, lane=call.lane
+                tokens=estimate.tokens,
+                model=call.model,
+                lane=call.lane,
+                variance=estimate.variance,
             ) as grant:
                 if call_log is not None:
                     call_log.limiter_wait_s += float(getattr(grant, "wait_s", 0.0))
@@ -329,7 +330,9 @@ class GeminiClient:
                     delay = self._backoff(attempt)
                     last_problem = f"unreadable answer: {exc}"
                 else:
-                    return await self._completed(call, grant, response, raw_input, call_log)
+                    return await self._completed(
+                        call, grant, response, estimate.heuristic_input, call_log
+                    )
             elapsed = time.monotonic() - started
             if attempt == policy.max_attempts or elapsed + delay > policy.max_total_s:
                 break
@@ -398,6 +401,7 @@ class GeminiClient:
             if input_tokens is not None:
                 await self._estimates.observe(
                     call.kind,
+                    model=call.model,
                     heuristic_in=raw_input,
                     actual_in=input_tokens,
                     actual_out=output_tokens,

@@ -15,7 +15,7 @@ from runtime.emulator import Emulator, EmulatorConfig, FaultRule, make_acte_pdf,
 from runtime.errors import PermanentError
 from runtime.limiter import Budget, Limiter, create_limiter
 from runtime.pipelines.common import open_pdf
-from runtime.pipelines.estimates import MemoryEstimates, RedisEstimates, seed
+from runtime.pipelines.estimates import MemoryEstimates, RedisEstimates, seed_output
 from runtime.pipelines.gemini import (
     Call,
     GeminiBlocked,
@@ -195,7 +195,7 @@ async def test_missing_usage_keeps_the_estimate_charged() -> None:
     config = EmulatorConfig(faults=(FaultRule("no_usage", count=1),))
     async with wired(config) as (_emulator, limiter, client):
         call = page_call(pdf)
-        estimate, _ = await client.estimate(call)
+        estimate = (await client.estimate(call)).tokens
         completion = await client.generate(call)
         usage = await limiter.usage(model=MODEL)
     assert completion.input_tokens is None
@@ -263,10 +263,10 @@ async def test_200_concurrent_calls_within_the_emulators_quota_see_no_429(
     assert stats["peak_requests"] <= 40
     # The pacing filled the quota to the brim at some point, never beyond it.
     assert stats["peak_requests"] >= 36
-    # The reservations converged from the seed (5,000 output tokens) to the real usage.
-    learned = await estimates.get("index_extract")
+    # The reservations converged from the prior (5,000 output tokens) to the real usage.
+    learned = await estimates.get("index_extract", model=MODEL)
     real_output = stats["output_tokens"] / stats["admitted"]
-    assert abs(learned.output_mean - real_output) < 0.01 * seed("index_extract").output_mean
+    assert abs(learned.output_mean - real_output) < 0.01 * seed_output("index_extract")
 
 
 @pytest.mark.slow
@@ -292,11 +292,17 @@ async def test_estimates_are_shared_by_the_fleet_in_redis(redis_url: str) -> Non
     try:
         first = RedisEstimates(shared, "test", clock=lambda: 0.0)
         second = RedisEstimates(shared, "test", clock=lambda: 100.0)
-        for _ in range(30):
-            await first.observe("boost", heuristic_in=1000, actual_in=1200, actual_out=900)
-        learned = await second.get("boost")
+        for out in (900, 1100, 900):
+            await first.observe(
+                "boost", model=MODEL, heuristic_in=1000, actual_in=1200, actual_out=out
+            )
+        learned = await second.get("boost", model=MODEL)
+        other_model = await second.get("boost", model="gemini-other")
     finally:
         await shared.aclose()
-    assert learned.output_mean == pytest.approx(900, rel=0.05)
-    assert learned.input_ratio == pytest.approx(1.2, rel=0.01)
-    assert learned.output_reserve < seed("boost").output_reserve / 10
+    # Three calls are enough to leave the prior (25,000 output tokens) behind.
+    assert learned.calls == 3
+    assert learned.output_mean == pytest.approx(2900 / 3, rel=0.2)
+    assert learned.ratio == pytest.approx(1.2, rel=0.01)
+    assert other_model.calls == 0  # learned per model
+    assert other_model.output_mean == seed_output("boost")

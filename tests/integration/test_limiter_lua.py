@@ -64,7 +64,7 @@ class Twin:
     async def compare_snapshots(self, now: int) -> None:
         core = budget.snapshot(self.state, self.lim, now)
         out = await self.store.call("m", self.lim, "snapshot", [], now=now)
-        head = [int(str(x)) for x in out[:8]]
+        head = [int(str(x)) for x in out[:9]]
         assert head == [
             core.now,
             core.requests,
@@ -74,8 +74,9 @@ class Twin:
             core.requests_today,
             core.booked_requests,
             core.booked_tokens,
+            core.unsettled_var,
         ]
-        rest = out[8:]
+        rest = out[9:]
         lanes = {
             bytes(rest[i]).decode(): (int(str(rest[i + 1])), int(str(rest[i + 2])))  # type: ignore[call-overload]
             for i in range(0, len(rest), 3)

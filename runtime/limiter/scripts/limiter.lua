@@ -5,8 +5,10 @@
 -- KEYS: 1 state (a MessagePack map of integers), 2 log zset (score = slot, member =
 --       budget.member: the grant id, a NUL, then "requests:tokens:lane")
 -- ARGV: 1 op, 2 now_us ('' = Redis TIME; a number only in tests),
---       3 limits: window_us, rpm, tpm, rpd, horizon_us as big-endian int64, then the lane
---       shares as text "lane=ppm,...", 4.. op arguments
+--       3 limits: window_us, rpm, tpm, rpd, horizon_us, headroom, z_milli as big-endian
+--       int64, then the lane shares as text "lane=ppm,...", 4.. op arguments
+-- A grant id may end in "#V": the variance V of its estimate, which the fleet margin
+-- holds until the grant settles, is released or leaves the log.
 --
 -- The script runs on every admission, and its own work costs as much as its Redis
 -- calls: what is common to all operations (seed, expiry, the budget factor) runs once
@@ -20,19 +22,21 @@ else
   local clock = redis.call('TIME')
   now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
 end
-local W, RPM, TPM, RPD, HORIZON, rest = struct.unpack('>i8i8i8i8i8', ARGV[3])
+local W, RPM, TPM, RPD, HORIZON, HEADROOM, ZM, rest = struct.unpack('>i8i8i8i8i8i8i8', ARGV[3])
 local SPEC = string.sub(ARGV[3], rest)
 
 -- budget.py's constants.
 local PPM, DAY_US = 1000000, 86400000000
 local FACTOR_FLOOR_PPM, FACTOR_CUT_PPM, RECOVERY_PPM_PER_WINDOW = 100000, 700000, 100000
 local KNEE_PPM, SLOW_WINDOWS, RECOVERY_WINDOWS = 800000, 20, 40
-local PHANTOM_ENTRIES, WALK_LIMIT, BATCH_SPAN_US = 100, 128, 10000
+local PHANTOM_ENTRIES, WALK_LIMIT, BATCH_SPAN_US, MAX_SPREAD = 100, 128, 10000, 1000000000000
 local ADMIT, WAIT, TOO_LARGE, DAY_EXHAUSTED = 0, 1, 2, 3
 
--- The state: integers by name (rq tk tr tt pu fa fp fc xe xp init; dy and dc, the day
--- and its requests; per lane lr: lt: ld:), read in one piece and written back in one
--- piece when changed. A seeded state holds every field but the day's and the lanes'.
+-- The state: integers by name (rq tk tr tt pu fa fp fc xe xp init; uv, the unsettled
+-- variance; lb, the latest booking; dy and dc, the day and its requests; per lane lr: lt:
+-- ld:), read in one piece and written back in one piece when changed. A seeded state
+-- holds every field but the day's and the lanes' (a state written before uv and lb
+-- existed reads them as 0).
 local packed = redis.call('GET', S)
 local st = packed and cmsgpack.unpack(packed) or {}
 local dirty, log_created = false, false
@@ -49,12 +53,20 @@ local function parse(m)
   return tonumber(r), tonumber(t), l
 end
 
-local function add(id, at, requests, tokens, lane)
+-- budget.spread_of: the id without its spread mark, and the variance the mark names.
+local function spread_of(id)
+  local base, v = string.match(id, '^(.*)#(%d+)$')
+  if base == nil then return id, 0 end
+  return base, math.min(tonumber(v), MAX_SPREAD)
+end
+
+local function add(id, at, requests, tokens, lane, spread)
   -- An empty log has no key (Redis deletes an empty zset): this ZADD creates it.
   if st.rq == 0 and st.tk == 0 then log_created = true end
   redis.call('ZADD', L, fmt(at), member(id, requests, tokens, lane))
   st.rq = st.rq + requests
   st.tk = st.tk + tokens
+  if spread > 0 then st.uv = (st.uv or 0) + spread end
   if lane ~= '' then
     st['lr:' .. lane] = (st['lr:' .. lane] or 0) + requests
     st['lt:' .. lane] = (st['lt:' .. lane] or 0) + tokens
@@ -62,9 +74,10 @@ local function add(id, at, requests, tokens, lane)
   dirty = true
 end
 
-local function subtract(requests, tokens, lane)
+local function subtract(requests, tokens, lane, spread)
   st.rq = st.rq - requests
   st.tk = st.tk - tokens
+  if spread > 0 then st.uv = st.uv - spread end
   if lane ~= '' then
     st['lr:' .. lane] = st['lr:' .. lane] - requests
     st['lt:' .. lane] = st['lt:' .. lane] - tokens
@@ -77,13 +90,13 @@ end
 if st.init == nil and (op == 'admit' or op == 'report') then
   redis.call('DEL', L)
   st = {init = 1, rq = 0, tk = 0, tr = now, tt = now, pu = 0, fa = 0, fp = 0, fc = 0, xe = 0,
-    xp = 0}
+    xp = 0, uv = 0, lb = 0}
   local n = math.min(RPM, PHANTOM_ENTRIES)
   for k = 1, n do
     local at = now - W + math.floor((k * W + n - 1) / n)
     local requests = math.floor(RPM * k / n) - math.floor(RPM * (k - 1) / n)
     local tokens = math.floor(TPM * k / n) - math.floor(TPM * (k - 1) / n)
-    add('~' .. k, at, requests, tokens, '')
+    add('~' .. k, at, requests, tokens, '', 0)
   end
 end
 
@@ -96,7 +109,11 @@ local function expire()
   dirty = true
   while true do
     local gone = redis.call('ZRANGEBYSCORE', L, '-inf', cutoff, 'LIMIT', 0, 500)
-    for _, m in ipairs(gone) do subtract(parse(m)) end
+    for _, m in ipairs(gone) do
+      local id, r, t, l = string.match(m, '^(.-)%z(%d+):(%d+):(.*)$')
+      local _, spread = spread_of(id)
+      subtract(tonumber(r), tonumber(t), l, spread)
+    end
     if #gone > 0 then redis.call('ZREMRANGEBYRANK', L, 0, #gone - 1) end
     if #gone < 500 then break end
   end
@@ -130,6 +147,21 @@ if fa ~= 0 and now - fa < RECOVERY_WINDOWS * W then
 end
 local rpm = math.max(1, math.floor(RPM * factor / PPM))
 local tpm = math.max(1, math.floor(TPM * factor / PPM))
+
+-- budget._reschedule: what a settle or a release changed moves the pacing too, back for
+-- what was given back (never before now nor the latest booking), forward for a raise.
+local function reschedule(tokens, requests)
+  local floor = math.max(now, st.lb or 0)
+  if tokens < 0 and st.tt > floor then
+    st.tt = math.max(floor, st.tt - math.floor(math.min(-tokens, tpm) * W / tpm))
+  elseif tokens > 0 then
+    st.tt = math.max(st.tt, now) + math.floor((math.min(tokens, tpm) * W + tpm - 1) / tpm)
+  end
+  if requests < 0 and st.tr > floor then
+    st.tr = math.max(floor, st.tr + requests * math.floor((W + rpm - 1) / rpm))
+  end
+  dirty = true
+end
 
 -- Requests and tokens booked after now, in all and by lane: only reports and
 -- snapshots need it, so only they define it.
@@ -200,6 +232,7 @@ if op == 'admit' then
     -- One request (budget.admit), written inline: "break" ends the repeat block with
     -- its decision in kind, value.
     local id, tokens = ARGV[k], tonumber(ARGV[k + 1])
+    local _, spread = spread_of(id)
     local kind, value = WAIT, 0
     repeat
       if lane ~= '' then
@@ -213,18 +246,25 @@ if op == 'admit' then
       end
       if tokens > tpm then value = math.floor(W / 4); break end
       local used, active = lanes_in_use()
+      -- The fleet margin (budget.margin): z * sqrt(unsettled variance), the headroom first.
+      local held, variance = 0, (st.uv or 0) + spread
+      if ZM > 0 and variance > 0 then
+        held = math.ceil(ZM * math.sqrt(variance) / 1000)
+          - math.floor(HEADROOM * factor / PPM)
+        held = math.max(0, math.min(held, tpm - tokens))
+      end
       -- Tokens may run one request interval ahead of their pace.
       local t = math.max(now, st.pu, st.tr, st.tt - interval)
       -- Reading the log costs more than all the rest: skip it when the request fits at t
       -- before any entry leaves the window (an entry leaving can only make more room).
       if t - now > HORIZON or (latest and t > latest)
-          or not fits(st.rq, st.tk, tokens, used, active) then
+          or not fits(st.rq, st.tk + held, tokens, used, active) then
         -- Not at once: drop what left the window, then find the earliest slot from t on
         -- by walking the log (read in chunks from its head). Returns kind, value.
         local function walk()
           expire()
           used, active = lanes_in_use()
-          local requests, charged, lane_blocked = st.rq, st.tk, false
+          local requests, charged, lane_blocked = st.rq, st.tk + held, false
           local entries, i = {}, 0
           local function entry(n)
             if entries[n] == nil then
@@ -272,7 +312,8 @@ if op == 'admit' then
         kind, value = walk()
         if kind ~= ADMIT then break end
       end
-      add(id, t, 1, tokens, lane)
+      add(id, t, 1, tokens, lane, spread)
+      st.lb = t
       st.tr = t + interval
       st.tt = math.max(st.tt, t) + math.floor((tokens * W + tpm - 1) / tpm)
       if st.dy ~= day then st.dy, st.dc = day, 0 end
@@ -287,21 +328,28 @@ if op == 'admit' then
   result[#result + 1] = now
 elseif op == 'settle' then
   -- ARGV[4..7]: id, estimate, actual, lane. The grant is named as booked.
+  -- The settled entry loses its spread mark; the difference moves the pacing too.
   local id, estimate, actual, lane = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7]
+  local base, spread = spread_of(id)
   local booked = member(id, 1, estimate, lane)
   local at = st.init ~= nil and redis.call('ZSCORE', L, booked)
   if at then
-    redis.call('ZADD', L, at, member(id, 1, actual, lane))  -- first: the log never empties
-    redis.call('ZREM', L, booked)
+    local settled = member(base, 1, actual, lane)
+    if settled ~= booked then
+      redis.call('ZADD', L, at, settled)  -- first: the log never empties
+      redis.call('ZREM', L, booked)
+    end
     st.tk = st.tk + actual - estimate
+    if spread > 0 then st.uv = st.uv - spread end
     if lane ~= '' then st['lt:' .. lane] = st['lt:' .. lane] + actual - estimate end
-    dirty = true
+    reschedule(actual - estimate, 0)
     result = {actual - estimate, now}
   elseif actual <= estimate or st.init == nil
-      or redis.call('ZSCORE', L, member(id .. '+', 0, actual - estimate, lane)) then
+      or redis.call('ZSCORE', L, member(base .. '+', 0, actual - estimate, lane)) then
     result = {0, now}  -- a refund after expiry frees nothing; a raise is charged once
   else
-    add(id .. '+', now, 0, actual - estimate, lane)
+    add(base .. '+', now, 0, actual - estimate, lane, 0)
+    reschedule(actual - estimate, 0)
     result = {actual - estimate, now}
   end
 elseif op == 'release' then
@@ -310,8 +358,10 @@ elseif op == 'release' then
   if st.init == nil or redis.call('ZREM', L, member(ARGV[4], 1, tokens, lane)) == 0 then
     result = {0, now}
   else
-    subtract(1, tokens, lane)
+    local _, spread = spread_of(ARGV[4])
+    subtract(1, tokens, lane, spread)
     if st.dy == math.floor(now / DAY_US) and st.dc > 0 then st.dc = st.dc - 1 end
+    reschedule(-tokens, -1)
     result = {1, now}
   end
 elseif op == 'report' then
@@ -336,7 +386,7 @@ elseif op == 'snapshot' then
   -- Bookings ahead of now count apart from the window (now - W, now].
   local booked_r, booked_t, lane_booked = booked_ahead()
   result = {now, (st.rq or 0) - booked_r, (st.tk or 0) - booked_t, factor, st.pu or 0, today,
-    booked_r, booked_t}
+    booked_r, booked_t, st.uv or 0}
   for k, v in pairs(st) do
     local lane = string.match(k, '^lr:(.*)$')
     if lane then
