@@ -11,6 +11,7 @@ from __future__ import annotations
 SECTIONS: dict[str, str] = {
     "policies": "benchmarks.policies",
     "quota_cut": "benchmarks.quota_cut",
+    "uncertainty": "benchmarks.uncertainty",
     "limiter": "benchmarks.limiter",
     "poller": "benchmarks.poller",
     "footprint": "benchmarks.footprint",

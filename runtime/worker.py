@@ -148,6 +148,9 @@ async def _status_lines(limiter: Limiter, models: list[str], every_s: float) -> 
                 effective_rpm=usage.effective_rpm,
                 effective_tpm=usage.effective_tpm,
                 paused_for_s=usage.paused_for_s,
+                booked_requests=usage.booked_requests,
+                booked_tokens=usage.booked_tokens,
+                margin_tokens=usage.margin_tokens,
             )
 
 

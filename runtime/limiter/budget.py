@@ -85,6 +85,10 @@ PHANTOM_ENTRIES = 100
 WALK_LIMIT = 128  # log entries one admission may read past the expired head
 BATCH_SPAN_US = 10_000  # how far past the first slot one call books the waiters behind it
 PHANTOM_PREFIX = "~"
+# Slots are booked at most 1/16 of a window (or two paced steps) ahead: a booking holds
+# its estimate until its call settles, and one made long before its slot would keep
+# tokens that refunds give back in the meantime from the requests behind it.
+HORIZON_PARTS = 16  # blocked by the margin alone: ask again after 1/64 of a window
 SPREAD_MARK = "#"  # a grant id ending in "#V": its estimate has variance V (tokens squared)
 MAX_SPREAD = 10**12  # one call's variance at most (a deviation of a million tokens)
 
@@ -145,13 +149,14 @@ class Limits:
     ) -> Limits:
         lanes = tuple(sorted((lane, round(share * PPM)) for lane, share in (shares or {}).items()))
         z = NormalDist().inv_cdf(1 - budget.overrun_risk)
+        w = budget.window_us
         return cls(
-            budget.window_us,
+            w,
             budget.rpm,
             budget.tpm,
             rpd or 0,
             lanes,
-            budget.window_us,
+            max(w // HORIZON_PARTS, 2 * ceil_div(w, budget.rpm)),
             budget.tpm_headroom,
             round(z * 1000),
         )

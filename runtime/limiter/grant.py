@@ -63,6 +63,9 @@ class Usage:
     degraded: bool = False  # True while Redis is unreachable and the process admits alone
     booked_requests: int = 0  # slots booked ahead of now, not in the window yet
     booked_tokens: int = 0
+    # z x the deviation of the calls not settled yet: what the fleet margin holds (the
+    # headroom above the budget first, see runtime.limiter.budget).
+    margin_tokens: int = 0
 
 
 class Grant:
@@ -141,8 +144,7 @@ class Grant:
             # The reservation keeps its estimate in a store we cannot reach; it expires.
             self._stats.store_errors += 1
             return
-        if actual_tokens < self.tokens:
-            self._room()
+        self._room()  # a refund, or a variance no longer held in the margin
 
     async def release(self) -> None:
         """Give the request and its tokens back: the call never reached the API."""

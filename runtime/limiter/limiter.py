@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import os
 import re
 import secrets
@@ -500,6 +501,7 @@ class Limiter:
             degraded=self.degraded,
             booked_requests=snap.booked_requests,
             booked_tokens=snap.booked_tokens,
+            margin_tokens=math.ceil(used.z_milli * math.sqrt(snap.unsettled_var) / 1000),
         )
 
 

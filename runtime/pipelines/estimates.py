@@ -91,7 +91,7 @@ class Moments:
         """The variance of the next observation: spread plus the mean's own uncertainty."""
         expected = self.expected(prior)
         spread = ((prior_cv * expected) ** 2 + self.m2) / (1 + self.n)
-        return spread * (1 + 1 / (PRIOR_WEIGHT + self.n))
+        return spread * (1 + 1 / (1 + self.n))
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,8 @@ class FleetConfig:
     poll_interval_s: float = 0.5
     namespace: str = "e2e"
     env: dict[str, str] = field(default_factory=dict)
+    # More emulator settings (tpm_counts, output_scale, output_cv, seed...).
+    emulator: dict[str, Any] = field(default_factory=dict)
     """Extra variables for every worker."""
 
     @property
@@ -177,6 +179,7 @@ class Fleet:
                 window_s=self.config.window_s,
                 latency_ms=self.config.latency_ms,
                 processing_polls=1,
+                **self.config.emulator,
             )
         )
         self._start_workers = start_workers
@@ -320,7 +323,7 @@ class Fleet:
             GEMINI_WINDOW_S=str(config.window_s),
             GEMINI_SAFETY_FACTOR=str(config.safety_factor),
             GEMINI_ARRIVAL_SKEW_S=str(config.arrival_skew_s),
-            GEMINI_TPM_COUNTS="input",
+            GEMINI_TPM_COUNTS=str(config.emulator.get("tpm_counts", "input")),
             GEMINI_MODEL_INDEX=config.model,
             GEMINI_MODEL_ACTE=config.model,
             GEMINI_MODEL_BOOST=config.model,

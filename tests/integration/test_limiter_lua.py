@@ -6,6 +6,7 @@ on a ``ModelState`` in memory. Every answer and every snapshot must be identical
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -19,8 +20,11 @@ T0 = 1_700_000_000_000_000
 W = 1_000_000
 
 
-def limits(shares: dict[str, float] | None = None, rpd: int | None = None) -> Limits:
-    return Limits.of(Budget(rpm=12, tpm=1_000, window_s=1.0), rpd=rpd, shares=shares)
+def limits(
+    shares: dict[str, float] | None = None, rpd: int | None = None, headroom: int = 0
+) -> Limits:
+    budget = Budget(rpm=12, tpm=1_000, window_s=1.0, tpm_headroom=headroom)
+    return Limits.of(budget, rpd=rpd, shares=shares)
 
 
 class Twin:
@@ -113,7 +117,9 @@ async def test_scripted_scenario_books_identically(store: RedisRateStore) -> Non
 
 
 async def test_bookings_ahead_are_reported_apart_alike(store: RedisRateStore) -> None:
-    twin = Twin(store, limits(shares={"index": 0.3, "acte": 0.6}))
+    # Booking up to a whole window ahead, so that several bookings lie ahead of now.
+    lim = dataclasses.replace(limits(shares={"index": 0.3, "acte": 0.6}), horizon_us=W)
+    twin = Twin(store, lim)
     now = T0
     await twin.admit(now, "seed", 1, "")
     now += 3 * W  # the phantom and the seed are gone
@@ -162,11 +168,12 @@ async def test_oversized_and_daily_budget_agree(store: RedisRateStore) -> None:
     await twin.compare_snapshots(T0 + 5 * W)
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(24))
 async def test_random_scenarios_agree(store: RedisRateStore, seed: int) -> None:
     rng = random.Random(seed)
     shares = {"index": 0.3, "acte": 0.6} if seed % 2 else None
-    twin = Twin(store, limits(shares=shares, rpd=rng.choice([None, 40])))
+    headroom = rng.choice([0, 150])
+    twin = Twin(store, limits(shares=shares, rpd=rng.choice([None, 40]), headroom=headroom))
     now = T0
     admitted: list[tuple[str, int, str]] = []
     for n in range(80):
@@ -175,8 +182,12 @@ async def test_random_scenarios_agree(store: RedisRateStore, seed: int) -> None:
         if roll < 0.6:
             lane = rng.choice(["index", "acte", "other"])
             # One request, or a process's queue of waiters booked in one call.
+            # Some grants carry the variance of their estimate (the fleet margin).
             batch = [
-                (f"g{n}.{k}", rng.choice([1, 50, 120, 300, 999, 1_001]))
+                (
+                    f"g{n}.{k}" + rng.choice(["", "", "#2500", "#90000", "#1"]),
+                    rng.choice([1, 50, 120, 300, 999, 1_001]),
+                )
                 for k in range(rng.choice([1, 1, 1, 2, 5]))
             ]
             kinds = await twin.admit_many(now, batch, lane)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import pytest
 from hypothesis import given, settings
@@ -27,6 +29,7 @@ class Booked:
     estimate: int
     settled: bool = False
     released: bool = False
+    spread: int = 0
 
 
 def window_sum(ledger: list[Booked], end: int) -> tuple[int, int]:
@@ -57,16 +60,20 @@ def run(limits: Limits, ops: list[tuple[int, str, int, str, int]], raises: bool)
         open_grants = [b for b in ledger if not (b.settled or b.released or b.gid[-1] == "+")]
         if kind == "admit":
             tokens = min(amount, limits.tpm)
-            decision = budget.admit(state, limits, now, f"g{n}", tokens, lane)
+            # Some estimates carry a variance, held in the fleet margin until they settle.
+            spread = (actual * 7) ** 2 if amount % 3 == 0 else 0
+            gid = f"g{n}#{spread}" if spread else f"g{n}"
+            decision = budget.admit(state, limits, now, gid, tokens, lane)
             if decision.kind != budget.ADMIT:
                 continue
             at = decision.value
-            assert at >= now
+            assert at >= now  # nothing is admitted before its slot...
+            assert all(at >= b.at for b in ledger if not b.gid.endswith("+"))  # ...nor out of order
             requests, charged = window_sum(ledger, at)
             # The window ending at the new admission, with every charge known when deciding.
             assert requests + 1 <= limits.rpm
             assert charged + tokens <= limits.tpm
-            ledger.append(Booked(f"g{n}", at, tokens, lane, tokens))
+            ledger.append(Booked(gid, at, tokens, lane, tokens, spread=spread))
         elif kind == "settle" and open_grants:
             grant = open_grants[amount % len(open_grants)]
             if not raises:
@@ -100,6 +107,8 @@ def run(limits: Limits, ops: list[tuple[int, str, int, str, int]], raises: bool)
     )
     for lane in ("index", "acte"):
         assert state.lane_tokens.get(lane, 0) == sum(b.tokens for b in live if b.lane == lane)
+    # The margin holds the variance of the live grants not settled yet, no more, no less.
+    assert state.unsettled_var == sum(b.spread for b in live if not b.settled)
     # The snapshot's window is (now - W, now]; the bookings ahead of now count apart.
     snap = budget.snapshot(state, limits, now)
     ahead = [b for b in live if b.at > now]
@@ -128,13 +137,14 @@ def run(limits: Limits, ops: list[tuple[int, str, int, str, int]], raises: bool)
 
 
 budgets = st.builds(
-    lambda rpm, tpm, shared: Limits.of(
-        Budget(rpm=rpm, tpm=tpm, window_s=1.0),
+    lambda rpm, tpm, shared, headroom: Limits.of(
+        Budget(rpm=rpm, tpm=tpm, window_s=1.0, tpm_headroom=headroom),
         shares={"index": 0.3, "acte": 0.5} if shared else None,
     ),
     st.integers(min_value=1, max_value=8),
     st.integers(min_value=50, max_value=800),
     st.booleans(),
+    st.sampled_from([0, 100, 10_000]),
 )
 
 
@@ -155,7 +165,23 @@ def test_with_refunds_only_every_final_window_holds(
 
 
 def limits_of(rpm: int, tpm: int, **kwargs: object) -> Limits:
-    return Limits.of(Budget(rpm=rpm, tpm=tpm, window_s=1.0), **kwargs)  # type: ignore[arg-type]
+    """Limits that may book a whole window ahead, so that pacing shows in one call each."""
+    limits = Limits.of(Budget(rpm=rpm, tpm=tpm, window_s=1.0), **kwargs)  # type: ignore[arg-type]
+    return dataclasses.replace(limits, horizon_us=W)
+
+
+def test_slots_are_booked_a_sixteenth_of_a_window_ahead_at_most() -> None:
+    limits = Limits.of(Budget(rpm=1_000, tpm=1_000_000, window_s=1.0))
+    assert limits.horizon == W // budget.HORIZON_PARTS
+    state = warm(limits)
+    now = T0 + 3 * W
+    decisions = [budget.admit(state, limits, now, f"g{n}", 1, "") for n in range(100)]
+    booked = [d.value for d in decisions if d.kind == budget.ADMIT]
+    assert max(booked) - now <= limits.horizon
+    refused = decisions[len(booked)]
+    assert refused.kind == budget.WAIT  # told when to ask again, not booked far ahead
+    # Few requests per window: two paced steps ahead at least.
+    assert Limits.of(Budget(rpm=4, tpm=100, window_s=1.0)).horizon == W // 2
 
 
 def test_admissions_are_paced_evenly_not_burst() -> None:
@@ -408,3 +434,101 @@ def test_settle_twice_and_settle_after_expiry() -> None:
     assert budget.settle(state, limits, later, "b", 100, 150, "x") == 50  # raise at now
     assert budget.settle(state, limits, later, "b", 100, 150, "x") == 0
     assert state.lane_tokens["x"] == 50
+
+
+def warm(limits: Limits) -> ModelState:
+    """A state seeded at T0: its phantom window is gone by T0 + 2 W."""
+    state = ModelState()
+    budget.admit(state, limits, T0, "warm", 0, "")
+    return state
+
+
+def test_a_refund_moves_the_token_schedule_back_but_never_before_now() -> None:
+    limits = limits_of(1_000, 1_000)
+    state = warm(limits)
+    now = T0 + 3 * W
+    first = budget.admit(state, limits, now, "a", 800, "")
+    assert first.kind == budget.ADMIT
+    # Paced by its estimate, the next request would wait most of a window...
+    before = state.tat_tokens
+    assert before - now > W // 2
+    # ...but the call used 100 tokens: the schedule moves back by the 700 given back.
+    budget.settle(state, limits, now + 1_000, "a", 800, 100, "")
+    assert state.tat_tokens == before - 700 * W // 1_000
+    second = budget.admit(state, limits, now + 1_000, "b", 100, "")
+    assert second.kind == budget.ADMIT
+    assert second.value < now + W // 4
+    # A refund larger than the schedule ahead stops at now, never before it.
+    budget.settle(state, limits, now + 2_000, "b", 100, 0, "")
+    assert state.tat_tokens >= now + 2_000
+    third = budget.admit(state, limits, now + 2_000, "c", 1, "")
+    assert third.value >= max(now + 2_000, second.value)
+
+
+def test_a_settle_above_the_estimate_pushes_the_schedule_forward() -> None:
+    limits = limits_of(1_000, 1_000)
+    state = warm(limits)
+    now = T0 + 3 * W
+    budget.admit(state, limits, now, "a", 100, "")
+    before = state.tat_tokens
+    budget.settle(state, limits, now + 1_000, "a", 100, 400, "")
+    assert state.tat_tokens == before + 300 * W // 1_000
+
+
+def test_a_release_gives_the_request_and_its_tokens_back_to_the_pacing() -> None:
+    limits = limits_of(10, 1_000)
+    state = warm(limits)
+    now = T0 + 3 * W
+    first = budget.admit(state, limits, now, "a", 500, "")
+    assert budget.release(state, limits, now + 10, "a", 500, "")
+    # The released slot was the last booking: the next one may take it, not earlier.
+    again = budget.admit(state, limits, now + 10, "b", 500, "")
+    assert again.kind == budget.ADMIT
+    assert again.value == max(now + 10, first.value)
+
+
+def test_the_margin_lives_in_the_headroom_first_then_in_the_budget() -> None:
+    z = NormalDist().inv_cdf(1 - 0.001)
+    quiet = Limits.of(Budget(rpm=100, tpm=1_000, window_s=1.0, tpm_headroom=400))
+    assert quiet.z_milli == round(z * 1000)
+    # z x 100 = 309 tokens of margin: inside the headroom of 400, nothing is held back.
+    assert budget.margin(quiet, budget.PPM, 100**2, 10, 1_000) == 0
+    # z x 300 = 927: 527 above the headroom come out of the budget.
+    assert budget.margin(quiet, budget.PPM, 300**2, 10, 1_000) == 927 - 400
+    # Never so much that the request itself could not fit an empty window.
+    assert budget.margin(quiet, budget.PPM, 10_000**2, 10, 1_000) == 990
+
+
+def test_unsettled_variance_blocks_until_the_calls_settle() -> None:
+    limits = Limits.of(Budget(rpm=100, tpm=1_000, window_s=1.0, tpm_headroom=0))
+    limits = dataclasses.replace(limits, horizon_us=W)
+    state = warm(limits)
+    now = T0 + 3 * W
+    # Two unsure calls of 100 tokens (deviation 150 each): margin z x 212 = 656.
+    for gid in ("a#22500", "b#22500"):
+        assert budget.admit(state, limits, now, gid, 100, "").kind == budget.ADMIT
+    assert state.unsettled_var == 45_000
+    blocked = budget.admit(state, limits, now + 1, "c", 300, "")
+    assert blocked.kind == budget.WAIT  # not before both have left the window
+    # Once they settle, their variance leaves the margin and the request fits.
+    budget.settle(state, limits, now + 2, "a#22500", 100, 120, "")
+    budget.settle(state, limits, now + 3, "b#22500", 100, 80, "")
+    assert state.unsettled_var == 0
+    assert budget.admit(state, limits, now + 4, "c", 300, "").kind == budget.ADMIT
+
+
+def test_an_unsettled_grant_leaving_the_log_takes_its_variance_along() -> None:
+    limits = Limits.of(Budget(rpm=100, tpm=1_000, window_s=1.0))
+    state = warm(limits)
+    now = T0 + 3 * W
+    budget.admit(state, limits, now, "lost#900", 10, "")  # its process died mid-call
+    assert state.unsettled_var == 900
+    budget.expire(state, now + 2 * W, W)
+    assert state.unsettled_var == 0
+
+
+def test_spread_marks_are_read_from_grant_ids() -> None:
+    assert budget.spread_of("p.1#25") == ("p.1", 25)
+    assert budget.spread_of("p.1") == ("p.1", 0)
+    assert budget.spread_of("p#x") == ("p#x", 0)
+    assert budget.spread_of(f"p#{10**15}") == ("p", budget.MAX_SPREAD)
