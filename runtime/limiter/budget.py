@@ -17,20 +17,46 @@ tokens at once, all or nothing.
 * Pacing (GCRA): after an admission at ``t`` of ``c`` tokens, the next request may start
   at ``t + ceil(W / rpm)`` (tau = 0) and once the token schedule, advanced by
   ``ceil(c * W / tpm)``, is less than one request interval ahead. Admissions therefore
-  arrive evenly instead of as one burst per window. Pacing only smooths: the log alone
-  carries the exactness below.
+  arrive evenly instead of as one burst per window. A settle below the estimate, or a
+  release, moves the schedule back by what it gave back (a release also gives back one
+  request interval), never before ``now`` nor before the latest booking; a settle above
+  the estimate moves the token schedule forward from ``now``. Pacing only smooths: the
+  log alone carries the guarantees below.
 * A request is booked at the earliest ``t >= max(now, pause, pacing)`` where the window
-  ``(t - W, t]`` holds at most ``rpm - 1`` requests and ``tpm - c`` tokens. Bookings never
-  precede earlier bookings (``t`` is at least the pacing time, which follows the last
-  booking), so every entry already in the log lies at or before ``t`` and the window
-  check at ``t`` sees every entry that can share a window with the new one.
+  ``(t - W, t]`` holds at most ``rpm - 1`` requests and ``tpm - c - m`` tokens, ``m`` the
+  fleet margin below. Bookings never precede earlier bookings (``t`` is at least the
+  request schedule, which never goes back past the latest booking), so every entry
+  already in the log lies at or before ``t`` and the window check at ``t`` sees every
+  entry that can share a window with the new one. A slot is booked at most a sixteenth
+  of a window ahead (or two request intervals): a request that cannot start sooner is
+  told when to ask again instead, so that tokens given back in the meantime serve it.
+* The fleet margin. Token counts are estimates: each call reserves its EXPECTED tokens,
+  and a grant id ending in ``#V`` says that its estimate has variance ``V``. The state
+  sums the variances of the grants not settled yet (a settle, a release or the entry
+  leaving the log takes its variance out), and every admission holds
+  ``m = max(0, ceil(z * sqrt(sum)) - headroom)`` tokens beside its own, at most
+  ``tpm - c``: the margin lives first in the headroom between the budget and the quota
+  (``Budget.tpm_headroom``), and only what exceeds it is taken from the budget.
 
-Exactness: every window ``(x - W, x]`` reaches its maximum at an admission time ``x``
-(its content only grows at entry times), and at each admission the check above proves
-the window ending there within budget. Hence no rolling window ever holds more than
-``rpm`` requests or ``tpm`` tokens, counting estimates, and actuals for grants settled
-upward while still in the log. A raise settled after its entry left the log is charged as
-a fresh entry at the settle time, unchecked: the call already happened.
+What is exact and what is probabilistic:
+
+* Requests are exact: every window ``(x - W, x]`` reaches its maximum at an admission
+  time ``x`` (its content only grows at entry times), and at each admission the check
+  proves the window ending there within ``rpm``. Refunds, releases and the margin never
+  change that: no rolling window ever holds more than ``rpm`` requests.
+* Tokens are exact for what is KNOWN when deciding: no rolling window holds more than
+  ``tpm`` tokens, counting settled calls at their actual size, unsettled ones at their
+  estimate, and raises settled while their entry is still in the log. A raise settled
+  after its entry left the log is charged as a fresh entry at the settle time,
+  unchecked: the call already happened.
+* The actual tokens of a window are probabilistic: its unsettled calls may turn out
+  larger than their estimates. Assuming their sizes independent, their estimates
+  unbiased and their sum close to normal, the window ending at an admission passes the
+  quota (budget + headroom) with probability at most ``Budget.overrun_risk`` (``z`` is
+  its normal quantile; ``GEMINI_OVERRUN_RISK``, default 0.1 %): the check held
+  ``estimates + z * deviation`` within the quota, and the summed variance covers every
+  unsettled call, in the window or not. Few unsettled calls of heavy-tailed sizes are
+  where the normal approximation is weakest.
 
 Adaptation to 429s: a quota 429 (one that names its quota) cuts the factor to 70 % of the
 level that met it (never below 10 %), at most once per quarter window: the factor in

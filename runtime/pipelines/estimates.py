@@ -9,7 +9,7 @@ fleet in Redis.
 Learning is a running (Welford) mean and variance over the observed calls, the oldest
 fading once ``MAX_CALLS`` are counted. The original system's figures are a weak prior:
 they weigh ``PRIOR_WEIGHT`` of one call, so the first real calls replace them (within
-about 10 % after three calls even when the prior is fifteen times too large). The spread
+about 5 % after three calls even when the prior is fifteen times too large). The spread
 starts from a prior coefficient of variation that weighs one call, and the expectation
 of the next call adds the uncertainty of the mean itself (predictive variance), so a
 kind seen a few times is reserved with a wider spread than one seen a thousand times.
@@ -31,7 +31,7 @@ import redis.exceptions
 
 CHARS_PER_TOKEN = 4
 MAX_CALLS = 200  # observations counted at most: older ones fade, so a drift is followed
-PRIOR_WEIGHT = 0.02  # the prior's weight in the mean, in calls
+PRIOR_WEIGHT = 0.01  # the prior's weight in the mean, in calls
 PRIOR_OUTPUT_CV = 0.5  # the prior's coefficient of variation of output tokens (weight 1)
 PRIOR_INPUT_CV = 0.2  # likewise for the input ratio: a page cost may be off for a model
 MAX_OUTPUT_TOKENS = 65_536  # a learned output is never reserved above this

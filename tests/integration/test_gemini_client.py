@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import random
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -306,3 +307,34 @@ async def test_estimates_are_shared_by_the_fleet_in_redis(redis_url: str) -> Non
     assert learned.ratio == pytest.approx(1.2, rel=0.01)
     assert other_model.calls == 0  # learned per model
     assert other_model.output_mean == seed_output("boost")
+
+
+async def test_the_fleet_estimates_script_learns_as_the_process_does(redis_url: str) -> None:
+    """``estimates.lua`` and ``Learned.observed`` give the same figures, call after call."""
+    import redis.asyncio as aioredis
+
+    from runtime.pipelines.estimates import Learned
+
+    shared = aioredis.from_url(redis_url)
+    rng = random.Random(9)
+    try:
+        fleet = RedisEstimates(shared, "twin-estimates", clock=lambda: 0.0)
+        local = Learned("acte_extract")
+        for _ in range(250):  # past MAX_CALLS: the oldest observations fade alike
+            heuristic = rng.choice([0, 300, 1_000])
+            actual_in, actual_out = rng.randrange(1, 2_000), rng.randrange(0, 9_000)
+            await fleet.observe(
+                "acte_extract",
+                model=MODEL,
+                heuristic_in=heuristic,
+                actual_in=actual_in,
+                actual_out=actual_out,
+            )
+            local = local.observed(
+                heuristic_in=heuristic, actual_in=actual_in, actual_out=actual_out
+            )
+        learned = await RedisEstimates(shared, "twin-estimates").get("acte_extract", model=MODEL)
+    finally:
+        await shared.aclose()
+    assert learned.output == pytest.approx(local.output)
+    assert learned.input_ratio == pytest.approx(local.input_ratio)
